@@ -1,0 +1,315 @@
+"""`BrokerSession`: the master's one AMQP connection and channel, run by one greenlet.
+
+The consumer greenlet is the only code that touches the connection. Other greenlets
+queue acks, rejects, publishes and cancels on the outbox; the loop wakes when the socket
+is readable or the outbox is non-empty (never on a fixed drain timeout: with a full
+prefetch window nothing arrives until acks leave), drains with `timeout=0`, runs the
+outbox and services heartbeats about once a second.
+
+Delivery tags belong to a channel: each connection gets a new `generation`, and an ack
+or reject for a delivery of another generation is dropped (the broker redelivers it).
+Republishes go through a confirm-mode channel whose acks are tracked asynchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+import gevent.event
+from amqp import Message as AmqpMessage
+from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+from kombu import Connection
+
+from .acks import AckTracker
+from .delivery import Delivery
+from .errors import BrokerError
+from .topology import declare_all
+from .urls import mask_url
+
+logger = logging.getLogger(__name__)
+
+#: Methods drained from the socket before the outbox gets a turn.
+DRAIN_BATCH = 64
+#: Seconds between heartbeat checks (py-amqp asks for about one a second).
+HEARTBEAT_TICK = 1.0
+#: Header carrying our confirm sequence number, to match basic.return to its publish.
+PUBLISH_SEQ_HEADER = "x-speed-publish-seq"
+
+Confirm = Callable[[bool, str], None]
+
+
+class ConnectionLost(Exception):
+    """The connection or channel broke while running."""
+
+
+class BrokerSession:
+    def __init__(
+        self,
+        url: str,
+        heartbeat: float,
+        on_delivery: Callable[[Delivery], None],
+        connect_timeout: float | None = None,
+    ) -> None:
+        self.url = url
+        self.masked_url = mask_url(url)
+        self._heartbeat = heartbeat
+        self._connect_timeout = connect_timeout
+        self._on_delivery = on_delivery
+        self._conn: Connection | None = None
+        self._channel: Any = None
+        self.generation = 0
+        self._next_id = 0
+        self._queue_of: dict[str, str] = {}
+        self._tracker = AckTracker()
+        self._outbox: deque[tuple[Any, ...]] = deque()
+        self._wake = gevent.event.Event()
+        self._publish_seq = 0
+        self._confirms: dict[int, tuple[Confirm, str]] = {}
+        self._returned: dict[int, str] = {}
+        self._closing = False
+        self._close_deadline = 0.0
+        self.closed = gevent.event.Event()
+        self.connected = False
+
+    # -- set-up, in the master's start sequence ----------------------------------------
+
+    def connect(self) -> None:
+        """Open the connection and channel (BrokerError if refused, OSError if unreachable)."""
+        conn = Connection(self.url, heartbeat=self._heartbeat or 0,
+                          connect_timeout=self._connect_timeout or 10)
+        try:
+            conn.connect()
+        except (AccessRefused, NotAllowed) as exc:
+            conn.release()
+            raise BrokerError(f"broker {self.masked_url} refused us: {exc.reply_text}") from None
+        except ConnectionForced as exc:
+            conn.release()
+            raise OSError(f"broker closed the connection: {exc}") from None
+        self._conn = conn
+        self.generation += 1
+        self._tracker = AckTracker()
+        self._channel = self._open_channel()
+        self.connected = True
+
+    def _open_channel(self) -> Any:
+        assert self._conn is not None
+        channel = self._conn.connection.channel()
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_confirm_ack)
+        channel.events["basic_nack"].add(self._on_confirm_nack)
+        channel.events["basic_return"].add(self._on_return)
+        self._publish_seq = 0
+        return channel
+
+    def declare(self, queues: tuple[str, ...], queue_type: str, passive: bool) -> None:
+        try:
+            declare_all(self._channel, queues, queue_type, passive)
+        except Exception:
+            self._channel = None
+            raise
+
+    def start_consuming(self, prefetch: dict[str, int]) -> None:
+        """Per-consumer prefetch (quorum queues refuse global QoS): basic_qos before each consume."""
+        channel = self._channel
+        for queue, count in prefetch.items():
+            channel.basic_qos(0, count, False)
+            tag = channel.basic_consume(queue=queue, callback=self._on_message, no_ack=False)
+            self._queue_of[tag] = queue
+
+    def _on_message(self, msg: AmqpMessage) -> None:
+        info = msg.delivery_info
+        tag = info["delivery_tag"]
+        self._tracker.received(tag)
+        self._next_id += 1
+        body = msg.body
+        self._on_delivery(Delivery(
+            self._next_id, self.generation, tag, self._queue_of[info["consumer_tag"]],
+            info["exchange"], info["routing_key"], info["redelivered"],
+            body if isinstance(body, bytes) else bytes(body), msg.properties, time.monotonic(),
+        ))  # fmt: skip
+
+    # -- the outbox: safe to call from any greenlet --------------------------------------
+
+    def ack(self, delivery: Delivery) -> None:
+        self._put(("ack", delivery))
+
+    def reject(self, delivery: Delivery, requeue: bool = True) -> None:
+        self._put(("reject", delivery, requeue))
+
+    def publish(self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm) -> None:
+        """Publish to the default exchange, mandatory; `on_confirm(ok, why)` runs once confirmed."""
+        self._put(("publish", routing_key, body, properties, on_confirm))
+
+    def cancel(self, on_done: Callable[[], None]) -> None:
+        """Stop consuming every queue (basic.cancel); cached deliveries stay ours to settle."""
+        self._put(("cancel", on_done))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush the outbox and wait for outstanding confirms (up to `timeout`), then close."""
+        self._closing = True
+        self._close_deadline = time.monotonic() + timeout
+        self._wake.set()
+
+    def _put(self, op: tuple[Any, ...]) -> None:
+        self._outbox.append(op)
+        self._wake.set()
+
+    # -- the consumer greenlet ------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consumer greenlet body. Returns after `close()`; raises ConnectionLost on failure."""
+        assert self._conn is not None
+        amqp_conn = self._conn.connection
+        io = gevent.get_hub().loop.io(amqp_conn.sock.fileno(), 1)
+        next_heartbeat = time.monotonic() + HEARTBEAT_TICK
+        try:
+            while True:
+                self._wake.clear()
+                self._drain(amqp_conn)
+                self._run_outbox()
+                now = time.monotonic()
+                if now >= next_heartbeat:
+                    self._conn.heartbeat_check()
+                    next_heartbeat = now + HEARTBEAT_TICK
+                if self._closing and self._ready_to_close(now):
+                    break
+                if self._outbox:
+                    continue
+                io.start(self._wake.set)
+                try:
+                    self._wake.wait(max(0.0, next_heartbeat - now))
+                finally:
+                    io.stop()
+        except (OSError, ConnectionError) as exc:
+            self.connected = False
+            raise ConnectionLost(str(exc) or type(exc).__name__) from exc
+        except Exception as exc:
+            if _is_connection_error(exc):
+                self.connected = False
+                raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            io.close()
+        self._shutdown()
+
+    def _drain(self, amqp_conn: Any) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                amqp_conn.drain_events(timeout=0)
+            except socket.timeout:
+                return
+
+    def _ready_to_close(self, now: float) -> bool:
+        if self._outbox:
+            return False
+        if self._confirms and now < self._close_deadline:
+            return False
+        if self._confirms:
+            logger.warning("closing with %d republishes unconfirmed; their originals stay unacked",
+                           len(self._confirms))
+        return True
+
+    def _shutdown(self) -> None:
+        self.connected = False
+        try:
+            if self._conn is not None:
+                self._conn.release()
+        except Exception as exc:  # the broker may already be gone; nothing left to lose
+            logger.debug("closing the connection: %s", exc)
+        self.closed.set()
+
+    def abort(self) -> None:
+        """Drop the connection at once without acking anything (immediate stop, fatal error)."""
+        self.connected = False
+        if self._conn is not None:
+            try:
+                self._conn.connection.collect()
+            except Exception:
+                pass
+        self.closed.set()
+
+    def _run_outbox(self) -> None:
+        if not self._outbox:
+            return
+        acks: list[int] = []
+        outbox = self._outbox
+        generation = self.generation
+        channel = self._channel
+        while outbox:
+            op = outbox.popleft()
+            kind = op[0]
+            if kind == "ack":
+                delivery = op[1]
+                if delivery.generation == generation:
+                    acks.append(delivery.tag)
+                else:
+                    logger.info("not acking %r from an old channel; the broker redelivers it", delivery)
+            elif kind == "reject":
+                delivery = op[1]
+                if delivery.generation == generation:
+                    channel.basic_reject(delivery.tag, requeue=op[2])
+                    self._tracker.rejected(delivery.tag)
+            elif kind == "publish":
+                self._publish(*op[1:])
+            elif kind == "cancel":
+                for tag in list(self._queue_of):
+                    channel.basic_cancel(tag)
+                op[1]()
+        if acks:
+            plan = self._tracker.plan(acks)
+            if plan.upto is not None:
+                channel.basic_ack(plan.upto, multiple=True)
+            for tag in plan.singles:
+                channel.basic_ack(tag)
+
+    def _publish(self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm) -> None:
+        self._publish_seq += 1
+        seq = self._publish_seq
+        headers = dict(properties.get("application_headers") or {})
+        headers[PUBLISH_SEQ_HEADER] = seq
+        message = AmqpMessage(body, **{**properties, "application_headers": headers})
+        self._confirms[seq] = (on_confirm, routing_key)
+        self._channel.basic_publish(message, exchange="", routing_key=routing_key, mandatory=True)
+
+    def _settle_confirms(self, tag: int, multiple: bool, ok: bool) -> None:
+        seqs = [s for s in self._confirms if s <= tag] if multiple else [tag]
+        for seq in seqs:
+            entry = self._confirms.pop(seq, None)
+            if entry is None:
+                continue
+            callback, routing_key = entry
+            returned = self._returned.pop(seq, None)
+            if returned is not None:
+                callback(False, f"queue {routing_key!r} did not take it: {returned}")
+            elif not ok:
+                callback(False, "the broker nacked it")
+            else:
+                callback(True, "")
+
+    def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle_confirms(delivery_tag, multiple, True)
+
+    def _on_confirm_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle_confirms(delivery_tag, multiple, False)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        seq = (message.properties.get("application_headers") or {}).get(PUBLISH_SEQ_HEADER)
+        if isinstance(seq, int):
+            self._returned[seq] = str(exc)
+
+    @property
+    def outstanding(self) -> int:
+        return self._tracker.outstanding
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    from amqp.exceptions import ConnectionError as AmqpConnectionError
+    from amqp.exceptions import RecoverableConnectionError
+
+    return isinstance(exc, AmqpConnectionError | RecoverableConnectionError)

@@ -1,0 +1,45 @@
+"""`MessageCache`: deliveries waiting for a worker, in arrival order.
+
+Bounded, and `put` never waits: the consumer greenlet must not block, and the broker's
+prefetch (which adds up to the capacity) is what keeps the cache from overflowing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .delivery import Delivery
+
+
+class CacheFull(Exception):
+    """More deliveries arrived than the prefetch allows: a bug, never a wait."""
+
+
+class MessageCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: deque[Delivery] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, delivery: Delivery) -> None:
+        if len(self._items) >= self.capacity:
+            raise CacheFull(f"cache full ({self.capacity}); {delivery!r} not taken")
+        self._items.append(delivery)
+
+    def put_front(self, delivery: Delivery) -> None:
+        """Give back a delivery that could not be handed to a worker; it keeps its turn."""
+        self._items.appendleft(delivery)
+
+    def take(self) -> Delivery | None:
+        return self._items.popleft() if self._items else None
+
+    def drain(self) -> list[Delivery]:
+        """Everything cached, oldest first, leaving the cache empty (for the requeue at stop)."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    def oldest_age(self, now: float) -> float:
+        return now - self._items[0].received_at if self._items else 0.0

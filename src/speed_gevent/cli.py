@@ -1,0 +1,130 @@
+"""The `speed-gevent` command: a thin layer over `Master`, `publish` and `config`.
+
+`main()` is the only place that turns exceptions into exit codes: 0 clean stop, 1 fatal
+runtime error, 2 usage or configuration error (one line, no traceback), 3 broker refused
+or unreachable. The entry point (`__main__`) has monkey-patched before this is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, NoReturn
+
+from . import __version__
+from .config import ENV_PREFIX, OPTIONS, load_settings, queue_name
+from .errors import (
+    BrokerError,
+    ConfigError,
+    ExitCode,
+    FatalError,
+    QueueMissingError,
+    TargetError,
+)
+from .urls import check_broker_url, mask_secrets
+
+logger = logging.getLogger("speed_gevent")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="speed-gevent", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"speed-gevent {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="consume queues with a pool of worker processes",
+                              description="Consume queues with a pool of preforked workers. Every "
+                              f"option can also come from {ENV_PREFIX}<NAME> or --config FILE.")
+    run.add_argument("target", metavar="TARGET", help="module:callable or module:app")
+    run.add_argument("--config", metavar="FILE", help="TOML file with the same option names")
+    for option in OPTIONS:
+        flags = [option.short, option.flag] if option.short else [option.flag]
+        kwargs: dict[str, Any] = {"dest": option.attr, "default": argparse.SUPPRESS,
+                                  "help": f"{option.help} [{option.env}]"}
+        if option.switch:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = option.metavar
+            if option.repeatable:
+                kwargs["action"] = "append"
+        run.add_argument(*flags, **kwargs)
+
+    pub = commands.add_parser("publish", help="publish test messages (confirmed, mandatory)")
+    pub.add_argument("queue", metavar="QUEUE")
+    pub.add_argument("-b", "--broker", default=os.environ.get(ENV_PREFIX + "BROKER",
+                                                              OPTIONS[0].default))
+    pub.add_argument("--count", type=int, default=1, help="how many messages (default 1)")
+    body = pub.add_mutually_exclusive_group()
+    body.add_argument("--body", default='{"n": {n}}',
+                      help="message body; {n} becomes the message number (default: %(default)s)")
+    body.add_argument("--file", help="send this file's bytes as the body")
+    pub.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
+    pub.add_argument("--passive", action="store_true", help="the queue must already exist")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        return _publish(args)
+    except (ConfigError, TargetError, QueueMissingError) as exc:
+        return _fail(ExitCode.USAGE, str(exc))
+    except BrokerError as exc:
+        return _fail(ExitCode.BROKER, str(exc))
+    except FatalError as exc:
+        return _fail(ExitCode.FATAL, str(exc))
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+def _fail(code: ExitCode, message: str) -> int:
+    broker = os.environ.get(ENV_PREFIX + "BROKER", "")
+    print(f"speed-gevent: error: {mask_secrets(message, broker) if broker else message}",
+          file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .logsetup import setup_logging
+    from .target import parse_target
+
+    parse_target(args.target)
+    given = {option.name: getattr(args, option.attr) for option in OPTIONS if hasattr(args, option.attr)}
+    config_path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
+    settings = load_settings(args.target, given, os.environ, config_path)
+    setup_logging(settings.log_level, settings.log_format)
+    from .master import Master
+
+    return Master(settings).run()
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from .publish import publish_messages, render_body
+
+    try:
+        check_broker_url(args.broker)
+        queue_name(args.queue)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.count < 1:
+        raise ConfigError(f"--count: expected a whole number ≥ 1, got {args.count}")
+    if args.file:
+        try:
+            with open(args.file, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"--file: cannot read {args.file!r}: {exc.strerror}") from None
+        bodies = [data] * args.count
+    else:
+        bodies = [render_body(args.body, n) for n in range(1, args.count + 1)]
+    confirmed = publish_messages(args.broker, args.queue, bodies, args.queue_type, args.passive)
+    print(f"published {confirmed} messages to {args.queue!r} (confirmed by the broker)")
+    return ExitCode.OK

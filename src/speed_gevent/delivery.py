@@ -1,0 +1,82 @@
+"""`Delivery`: a broker message plus the channel generation and tag it came with.
+
+The unit the cache, the dispatcher and the retry policy pass around in the master. Its
+body stays the broker's bytes; nothing here decodes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .message import ATTEMPT_HEADER
+
+#: Header quorum queues add: how many times the broker delivered the message before.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+
+
+class Delivery:
+    """One delivery. `(generation, tag)` is only meaningful on the channel it came from."""
+
+    __slots__ = ("id", "generation", "tag", "queue", "exchange", "routing_key", "redelivered",
+                 "body", "properties", "received_at", "attempt")  # fmt: skip
+
+    def __init__(
+        self,
+        id: int,
+        generation: int,
+        tag: int,
+        queue: str,
+        exchange: str,
+        routing_key: str,
+        redelivered: bool,
+        body: bytes,
+        properties: dict[str, Any],
+        received_at: float,
+    ) -> None:
+        self.id = id
+        self.generation = generation
+        self.tag = tag
+        self.queue = queue
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.redelivered = redelivered
+        self.body = body
+        self.properties = properties
+        self.received_at = received_at
+        self.attempt = attempt_of(properties.get("application_headers"))
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.properties.get("application_headers") or {}
+
+    def meta(self) -> dict[str, Any]:
+        """What the worker's `Message` is built from."""
+        return {
+            "queue": self.queue,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "redelivered": self.redelivered,
+            "attempt": self.attempt,
+            "properties": self.properties,
+        }
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.id} {self.queue!r} gen={self.generation} tag={self.tag}>"
+
+
+def attempt_of(headers: dict[str, Any] | None) -> int:
+    """Attempt number: our header (1 if absent) plus the quorum queue's delivery count."""
+    if not headers:
+        return 1
+    attempt = _as_int(headers.get(ATTEMPT_HEADER), 1)
+    return max(1, attempt) + max(0, _as_int(headers.get(DELIVERY_COUNT_HEADER), 0))
+
+
+def _as_int(value: object, default: int) -> int:
+    if isinstance(value, bool):
+        return default
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str | bytes) and value.strip().isdigit():
+        return int(value)
+    return default

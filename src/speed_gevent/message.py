@@ -1,0 +1,73 @@
+"""`Message`: what a handler receives. Built in the worker from a MessageFrame."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: Our own header: the attempt number of this delivery (1 for the first).
+ATTEMPT_HEADER = "x-speed-attempt"
+
+
+class MessageDecodeError(ValueError):
+    """The body is not what the handler asked for (UTF-8 text, JSON)."""
+
+
+class Message:
+    """One delivery as the handler sees it. `body` is the broker's bytes, untouched."""
+
+    __slots__ = ("body", "_meta")
+
+    def __init__(self, body: bytes, meta: dict[str, Any]) -> None:
+        self.body = body
+        self._meta = meta
+
+    @property
+    def text(self) -> str:
+        """The body decoded as UTF-8 (MessageDecodeError if it is not)."""
+        try:
+            return self.body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MessageDecodeError(
+                f"message body is not UTF-8 text (byte {exc.start}: {self.body[exc.start:exc.start + 1]!r})"
+            ) from None
+
+    def json(self) -> Any:
+        """The body parsed as JSON (MessageDecodeError if it is not)."""
+        try:
+            return json.loads(self.text)
+        except json.JSONDecodeError as exc:
+            raise MessageDecodeError(f"message body is not JSON: {exc}") from None
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """AMQP basic properties (content_type, correlation_id, reply_to, message_id, ...)."""
+        return self._meta["properties"]
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self._meta["properties"].get("application_headers") or {}
+
+    @property
+    def queue(self) -> str:
+        return self._meta["queue"]
+
+    @property
+    def exchange(self) -> str:
+        return self._meta["exchange"]
+
+    @property
+    def routing_key(self) -> str:
+        return self._meta["routing_key"]
+
+    @property
+    def redelivered(self) -> bool:
+        return self._meta["redelivered"]
+
+    @property
+    def attempt(self) -> int:
+        """1 for the first delivery, counting failed attempts before this one."""
+        return self._meta["attempt"]
+
+    def __repr__(self) -> str:
+        return f"<Message queue={self.queue!r} attempt={self.attempt} {len(self.body)} bytes>"

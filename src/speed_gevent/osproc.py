@@ -1,0 +1,32 @@
+"""Small Linux process helpers: parent-death signal and process titles."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_ppid: int) -> bool:
+    """Ask the kernel to SIGKILL us when our parent dies; False if it is already gone.
+
+    The `getppid()` check closes the race where the parent died before `prctl` ran
+    (gunicorn's `notify()` does the same check).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    return os.getppid() == expected_ppid
+
+
+def set_title(title: str) -> None:
+    """Set the process title if setproctitle is installed. Never pass a secret here."""
+    try:
+        from setproctitle import setproctitle
+    except ImportError:  # pragma: no cover
+        return
+    setproctitle(title)

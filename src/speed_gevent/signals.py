@@ -1,0 +1,44 @@
+"""Master signals: which intent each signal records, and the double-stop counter.
+
+Signal handlers only record intent (gunicorn, huey); the master's control greenlet acts
+on it. SIGCHLD is not here: gevent's child watcher owns it in the master.
+"""
+
+from __future__ import annotations
+
+import signal
+from enum import Enum
+
+
+class Intent(Enum):
+    STOP = "stop"
+    LOG_STATS = "log-stats"
+    REPLACE_WORKERS = "replace-workers"
+    MORE_WORKERS = "more-workers"
+    FEWER_WORKERS = "fewer-workers"
+
+
+SIGNAL_INTENTS: dict[int, Intent] = {
+    signal.SIGTERM: Intent.STOP,
+    signal.SIGINT: Intent.STOP,
+    signal.SIGUSR1: Intent.LOG_STATS,
+    signal.SIGHUP: Intent.REPLACE_WORKERS,
+    signal.SIGTTIN: Intent.MORE_WORKERS,
+    signal.SIGTTOU: Intent.FEWER_WORKERS,
+}
+
+
+class StopKind(Enum):
+    GRACEFUL = "graceful"
+    IMMEDIATE = "immediate"
+
+
+class StopRequests:
+    """The first stop request is graceful; any later one is immediate."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def request(self) -> StopKind:
+        self.count += 1
+        return StopKind.GRACEFUL if self.count == 1 else StopKind.IMMEDIATE

@@ -1,0 +1,58 @@
+"""Test handlers: record every message id they see to the file named by SG_RECORD.
+
+Bodies are JSON objects with an "id" and optional instructions: "fail" (raise),
+"exit" (os._exit mid-message), "sleep" (seconds), "reject".
+One line per handled message, written with O_APPEND so workers never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+
+from speed_gevent import Reject
+
+_RECORD = os.environ.get("SG_RECORD", "/dev/null")
+
+
+def _write(entry: dict) -> None:
+    fd = os.open(_RECORD, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(entry) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def handle(message) -> None:
+    data = message.json()
+    started = time.time()
+    if data.get("sleep"):
+        time.sleep(data["sleep"])
+    if data.get("exit"):
+        os._exit(9)
+    if data.get("reject"):
+        raise Reject("asked to reject")
+    if data.get("fail"):
+        raise ValueError(f"boom {data['id']}")
+    _write({"id": data["id"], "pid": os.getpid(), "start": started, "end": time.time(),
+            "attempt": message.attempt, "queue": message.queue})
+
+
+def inspect(message) -> None:
+    """Report what a handler sees of its process: plain sockets, real threads, open fds."""
+    seen = {}
+    thread = threading.Thread(target=lambda: seen.setdefault("thread", threading.get_ident()))
+    thread.start()
+    thread.join()
+    _write({
+        "id": message.json()["id"],
+        "pid": os.getpid(),
+        "socket_module": socket.socket.__module__,
+        "real_thread": seen["thread"] != threading.get_ident(),
+        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+        "headers": repr(message.headers),
+        "properties": repr(sorted(message.properties)),
+    })
