@@ -14,7 +14,6 @@ Republishes go through a confirm-mode channel whose acks are tracked asynchronou
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,8 +80,9 @@ class BrokerSession:
 
     def connect(self) -> None:
         """Open the connection and channel (BrokerError if refused, OSError if unreachable)."""
-        conn = Connection(self.url, heartbeat=self._heartbeat or 0,
-                          connect_timeout=self._connect_timeout or 10)
+        conn = Connection(
+            self.url, heartbeat=self._heartbeat or 0, connect_timeout=self._connect_timeout or 10
+        )
         try:
             conn.connect()
         except (AccessRefused, NotAllowed) as exc:
@@ -202,7 +202,7 @@ class BrokerSession:
         for _ in range(DRAIN_BATCH):
             try:
                 amqp_conn.drain_events(timeout=0)
-            except socket.timeout:
+            except TimeoutError:
                 return
 
     def _ready_to_close(self, now: float) -> bool:
@@ -211,8 +211,9 @@ class BrokerSession:
         if self._confirms and now < self._close_deadline:
             return False
         if self._confirms:
-            logger.warning("closing with %d republishes unconfirmed; their originals stay unacked",
-                           len(self._confirms))
+            logger.warning(
+                "closing with %d republishes unconfirmed; their originals stay unacked", len(self._confirms)
+            )
         return True
 
     def _shutdown(self) -> None:
@@ -239,36 +240,41 @@ class BrokerSession:
             return
         acks: list[int] = []
         outbox = self._outbox
-        generation = self.generation
-        channel = self._channel
         while outbox:
             op = outbox.popleft()
-            kind = op[0]
-            if kind == "ack":
-                delivery = op[1]
-                if delivery.generation == generation:
-                    acks.append(delivery.tag)
-                else:
-                    logger.info("not acking %r from an old channel; the broker redelivers it", delivery)
-            elif kind == "reject":
-                delivery = op[1]
-                if delivery.generation == generation:
-                    channel.basic_reject(delivery.tag, requeue=op[2])
-                    self._tracker.rejected(delivery.tag)
-            elif kind == "publish":
+            if op[0] == "ack":
+                if self._current(op[1]):
+                    acks.append(op[1].tag)
+            elif op[0] == "reject":
+                if self._current(op[1]):
+                    self._channel.basic_reject(op[1].tag, requeue=op[2])
+                    self._tracker.rejected(op[1].tag)
+            elif op[0] == "publish":
                 self._publish(*op[1:])
-            elif kind == "cancel":
+            elif op[0] == "cancel":
                 for tag in list(self._queue_of):
-                    channel.basic_cancel(tag)
+                    self._channel.basic_cancel(tag)
                 op[1]()
         if acks:
-            plan = self._tracker.plan(acks)
-            if plan.upto is not None:
-                channel.basic_ack(plan.upto, multiple=True)
-            for tag in plan.singles:
-                channel.basic_ack(tag)
+            self._send_acks(acks)
 
-    def _publish(self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm) -> None:
+    def _current(self, delivery: Delivery) -> bool:
+        """Tags are per channel: a delivery of an older generation is never settled here."""
+        if delivery.generation == self.generation:
+            return True
+        logger.info("not settling %r from an old channel; the broker redelivers it", delivery)
+        return False
+
+    def _send_acks(self, tags: list[int]) -> None:
+        plan = self._tracker.plan(tags)
+        if plan.upto is not None:
+            self._channel.basic_ack(plan.upto, multiple=True)
+        for tag in plan.singles:
+            self._channel.basic_ack(tag)
+
+    def _publish(
+        self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm
+    ) -> None:
         self._publish_seq += 1
         seq = self._publish_seq
         headers = dict(properties.get("application_headers") or {})

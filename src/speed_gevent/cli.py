@@ -38,15 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"speed-gevent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = commands.add_parser("run", help="consume queues with a pool of worker processes",
-                              description="Consume queues with a pool of preforked workers. Every "
-                              f"option can also come from {ENV_PREFIX}<NAME> or --config FILE.")
+    run = commands.add_parser(
+        "run",
+        help="consume queues with a pool of worker processes",
+        description="Consume queues with a pool of preforked workers. Every "
+        f"option can also come from {ENV_PREFIX}<NAME> or --config FILE.",
+    )
     run.add_argument("target", metavar="TARGET", help="module:callable or module:app")
     run.add_argument("--config", metavar="FILE", help="TOML file with the same option names")
     for option in OPTIONS:
         flags = [option.short, option.flag] if option.short else [option.flag]
-        kwargs: dict[str, Any] = {"dest": option.attr, "default": argparse.SUPPRESS,
-                                  "help": f"{option.help} [{option.env}]"}
+        kwargs: dict[str, Any] = {
+            "dest": option.attr,
+            "default": argparse.SUPPRESS,
+            "help": f"{option.help} [{option.env}]",
+        }
         if option.switch:
             kwargs["action"] = "store_true"
         else:
@@ -57,12 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pub = commands.add_parser("publish", help="publish test messages (confirmed, mandatory)")
     pub.add_argument("queue", metavar="QUEUE")
-    pub.add_argument("-b", "--broker", default=os.environ.get(ENV_PREFIX + "BROKER",
-                                                              OPTIONS[0].default))
+    pub.add_argument("-b", "--broker", default=os.environ.get(ENV_PREFIX + "BROKER", OPTIONS[0].default))
     pub.add_argument("--count", type=int, default=1, help="how many messages (default 1)")
     body = pub.add_mutually_exclusive_group()
-    body.add_argument("--body", default='{"n": {n}}',
-                      help="message body; {n} becomes the message number (default: %(default)s)")
+    body.add_argument(
+        "--body",
+        default='{"n": {n}}',
+        help="message body; {n} becomes the message number (default: %(default)s)",
+    )
     body.add_argument("--file", help="send this file's bytes as the body")
     pub.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
     pub.add_argument("--passive", action="store_true", help="the queue must already exist")
@@ -87,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(code: ExitCode, message: str) -> int:
     broker = os.environ.get(ENV_PREFIX + "BROKER", "")
-    print(f"speed-gevent: error: {mask_secrets(message, broker) if broker else message}",
-          file=sys.stderr)
+    print(f"speed-gevent: error: {mask_secrets(message, broker) if broker else message}", file=sys.stderr)
     return code
 
 

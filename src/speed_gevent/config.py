@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
-from .units import parse_duration, parse_size
+from .units import parse_duration
 from .urls import check_broker_url
 
 ENV_PREFIX = "SPEED_GEVENT_"

@@ -46,8 +46,19 @@ class ForkClient:
         on_exited: Callable[[int, int], None],
         on_lost: Callable[[str], None],
     ) -> None:
-        self._argv = [sys.executable, "-m", "speed_gevent.forkserver", "--target", target,
-                      "--name", name, "--log-level", log_level, "--log-format", log_format]
+        self._argv = [
+            sys.executable,
+            "-m",
+            "speed_gevent.forkserver",
+            "--target",
+            target,
+            "--name",
+            name,
+            "--log-level",
+            log_level,
+            "--log-format",
+            log_format,
+        ]
         self._on_spawned = on_spawned
         self._on_exited = on_exited
         self._on_lost = on_lost

@@ -94,8 +94,9 @@ class Master(PoolEvents):
             on_spawned=self._on_spawned, on_exited=self._on_exited, on_lost=self._fatal,
         )  # fmt: skip
         self._pool = Pool(self._fork, self._group, self)
-        self._session = BrokerSession(settings.broker, settings.heartbeat, self._on_delivery,
-                                      settings.connect_timeout)
+        self._session = BrokerSession(
+            settings.broker, settings.heartbeat, self._on_delivery, settings.connect_timeout
+        )
 
     # -- public API -------------------------------------------------------------------------
 
@@ -148,10 +149,15 @@ class Master(PoolEvents):
         if settings.exit_when_idle:
             self._spawn("idle-watch", self._idle_watch_loop)
         self.state = MasterState.RUNNING
-        logger.info("master %s (pid %s) consuming %s from %s with %d workers, prefetch %s",
-                    settings.name, os.getpid(), ", ".join(settings.queues),
-                    self._session.masked_url, settings.max_workers,
-                    "+".join(str(n) for n in prefetch.values()))
+        logger.info(
+            "master %s (pid %s) consuming %s from %s with %d workers, prefetch %s",
+            settings.name,
+            os.getpid(),
+            ", ".join(settings.queues),
+            self._session.masked_url,
+            settings.max_workers,
+            "+".join(str(n) for n in prefetch.values()),
+        )
 
     def _connect(self) -> bool:
         """Connect, retrying with backoff; False if a stop came first. BrokerError if refused."""
@@ -167,10 +173,12 @@ class Master(PoolEvents):
             except Exception as exc:
                 why = mask_secrets(f"{type(exc).__name__}: {exc}", self.settings.broker)
                 if give_up is not None and time.monotonic() + delay > give_up:
-                    raise BrokerError(f"cannot reach the broker {self._session.masked_url} "
-                                      f"within {timeout:g}s: {why}") from None
-                logger.warning("cannot reach the broker %s: %s; retrying in %.0fs",
-                               self._session.masked_url, why, delay)
+                    raise BrokerError(
+                        f"cannot reach the broker {self._session.masked_url} within {timeout:g}s: {why}"
+                    ) from None
+                logger.warning(
+                    "cannot reach the broker %s: %s; retrying in %.0fs", self._session.masked_url, why, delay
+                )
                 self._immediate.wait(delay)
                 delay = min(delay * 2, MAX_CONNECT_BACKOFF)
         return False
@@ -201,8 +209,10 @@ class Master(PoolEvents):
             self._session.run()
         except ConnectionLost as exc:
             why = mask_secrets(str(exc), self.settings.broker)
-            self._fatal(f"lost the connection to {self._session.masked_url}: {why}; unacked "
-                        "messages go back to the broker (reconnecting is not implemented yet)")
+            self._fatal(
+                f"lost the connection to {self._session.masked_url}: {why}; unacked "
+                "messages go back to the broker (reconnecting is not implemented yet)"
+            )
 
     def _on_delivery(self, delivery: Delivery) -> None:
         """Called inside the consumer greenlet's drain: must never block."""
@@ -256,8 +266,7 @@ class Master(PoolEvents):
 
     def on_worker_result(self, proc: WorkerProc, frame: ResultFrame) -> None:
         now = time.monotonic()
-        failure = failure_from_result(frame.outcome, frame.error_type, frame.error_message,
-                                      frame.traceback)
+        failure = failure_from_result(frame.outcome, frame.error_type, frame.error_message, frame.traceback)
         delivery = proc.complete(frame.id, now, failure is not None)
         counters = self.counters
         counters.handled += 1
@@ -285,8 +294,14 @@ class Master(PoolEvents):
         how = describe_exit(status) if status is not None else "lost"
         level = logging.INFO if proc.state is WorkerState.STOPPING or status == 0 else logging.ERROR
         level = logging.ERROR if delivery is not None else level
-        logger.log(level, "worker %s (pid %s) exited: %s%s", proc.worker_id, proc.pid, how,
-                   f" while handling delivery {delivery.id}" if delivery else "")
+        logger.log(
+            level,
+            "worker %s (pid %s) exited: %s%s",
+            proc.worker_id,
+            proc.pid,
+            how,
+            f" while handling delivery {delivery.id}" if delivery else "",
+        )
         self._fire("worker_exit", proc.pid, how)
         self._activity.set()
         if delivery is not None:
@@ -294,8 +309,9 @@ class Master(PoolEvents):
         if self.state is not MasterState.RUNNING:
             return
         if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == WorkerExit.BOOT_FAILED:
-            self._fatal(f"worker {proc.worker_id} could not boot ({how}): its start event "
-                        "raised (see the log above)")
+            self._fatal(
+                f"worker {proc.worker_id} could not boot ({how}): its start event raised (see the log above)"
+            )
             return
         while len(self._pool) < self.settings.max_workers:
             self._pool.spawn()
@@ -308,8 +324,9 @@ class Master(PoolEvents):
             return
         self.counters.crashes += 1
         self.counters.failed += 1
-        failure = Failure(FailureKind.CRASH, "WorkerDied",
-                          f"the worker {how} while handling the message", exit_status=how)
+        failure = Failure(
+            FailureKind.CRASH, "WorkerDied", f"the worker {how} while handling the message", exit_status=how
+        )
         self._settle(delivery, decide(failure, delivery.attempt, self.settings.max_retries))
 
     # -- settling deliveries -------------------------------------------------------------------
@@ -329,18 +346,34 @@ class Master(PoolEvents):
         else:
             target = dead_letter_queue(delivery.queue)
             properties["application_headers"] = dead_letter_headers(
-                delivery.headers, failure, delivery.attempt, delivery.queue, delivery.exchange,
-                delivery.routing_key, dt.datetime.now(dt.timezone.utc),
+                delivery.headers,
+                failure,
+                delivery.attempt,
+                delivery.queue,
+                delivery.exchange,
+                delivery.routing_key,
+                dt.datetime.now(dt.UTC),
             )
-        self._session.publish(target, delivery.body, properties,
-                              lambda ok, why: self._on_republished(delivery, decision, target, ok, why))
+        self._session.publish(
+            target,
+            delivery.body,
+            properties,
+            lambda ok, why: self._on_republished(delivery, decision, target, ok, why),
+        )
 
-    def _on_republished(self, delivery: Delivery, decision: Decision, target: str, ok: bool, why: str) -> None:
+    def _on_republished(
+        self, delivery: Delivery, decision: Decision, target: str, ok: bool, why: str
+    ) -> None:
         failure = decision.failure
         assert failure is not None
         if not ok:
-            logger.error("could not republish delivery %s to %r (%s); the original goes back to %r",
-                         delivery.id, target, why, delivery.queue)
+            logger.error(
+                "could not republish delivery %s to %r (%s); the original goes back to %r",
+                delivery.id,
+                target,
+                why,
+                delivery.queue,
+            )
             self._session.reject(delivery, requeue=True)
             self.counters.requeued += 1
             return
@@ -348,13 +381,25 @@ class Master(PoolEvents):
         self.counters.acked += 1
         if decision.action is Action.RETRY:
             self.counters.retried += 1
-            logger.warning("delivery %s from %r failed attempt %d (%s: %s); retrying",
-                           delivery.id, delivery.queue, delivery.attempt, failure.error_type, failure.message)
+            logger.warning(
+                "delivery %s from %r failed attempt %d (%s: %s); retrying",
+                delivery.id,
+                delivery.queue,
+                delivery.attempt,
+                failure.error_type,
+                failure.message,
+            )
         else:
             self.counters.dead_lettered += 1
-            logger.warning("delivery %s from %r dead-lettered to %r after attempt %d: %s: %s",
-                           delivery.id, delivery.queue, target, delivery.attempt,
-                           failure.error_type, failure.message)
+            logger.warning(
+                "delivery %s from %r dead-lettered to %r after attempt %d: %s: %s",
+                delivery.id,
+                delivery.queue,
+                target,
+                delivery.attempt,
+                failure.error_type,
+                failure.message,
+            )
 
     # -- control ------------------------------------------------------------------------------
 
@@ -417,8 +462,13 @@ class Master(PoolEvents):
     def _graceful_stop(self) -> None:
         self.state = MasterState.DRAINING
         busy = len(self._busy())
-        logger.info("stopping: cancelling consumers, returning %d cached messages, giving %d "
-                    "in-flight handlers up to %.0fs", len(self._cache), busy, self.settings.graceful_timeout)
+        logger.info(
+            "stopping: cancelling consumers, returning %d cached messages, giving %d "
+            "in-flight handlers up to %.0fs",
+            len(self._cache),
+            busy,
+            self.settings.graceful_timeout,
+        )
         cancelled = gevent.event.Event()
         self._session.cancel(cancelled.set)
         gevent.wait([cancelled, self._immediate], count=1, timeout=WORKER_STOP_TIMEOUT)
@@ -480,9 +530,14 @@ class Master(PoolEvents):
             "queues": list(self.settings.queues),
             "cache": {"size": len(self._cache), "capacity": self._cache.capacity},
             "workers": [
-                {"id": p.worker_id, "pid": p.pid, "state": p.state.value, "handled": p.handled,
-                 "failed": p.failed,
-                 "busy_for": round(now - p.busy_since, 3) if p.busy_since is not None else None}
+                {
+                    "id": p.worker_id,
+                    "pid": p.pid,
+                    "state": p.state.value,
+                    "handled": p.handled,
+                    "failed": p.failed,
+                    "busy_for": round(now - p.busy_since, 3) if p.busy_since is not None else None,
+                }
                 for p in self._pool.live()
             ],
             "totals": {k: v for k, v in self.counters.as_dict().items() if k != "per_worker"},

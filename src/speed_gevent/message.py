@@ -29,7 +29,7 @@ class Message:
             return self.body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise MessageDecodeError(
-                f"message body is not UTF-8 text (byte {exc.start}: {self.body[exc.start:exc.start + 1]!r})"
+                f"message body is not UTF-8 text (byte {exc.start}: {self.body[exc.start : exc.start + 1]!r})"
             ) from None
 
     def json(self) -> Any:

@@ -49,9 +49,7 @@ class Decision:
 ACK = Decision(Action.ACK)
 
 
-def failure_from_result(
-    outcome: int, error_type: str, message: str, traceback: str
-) -> Failure | None:
+def failure_from_result(outcome: int, error_type: str, message: str, traceback: str) -> Failure | None:
     """The failure a worker's result reports, or None when the handler returned."""
     if outcome == Outcome.OK:
         return None

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -113,8 +112,13 @@ class Pool:
                 proc.conn.sendall(head)
                 proc.conn.sendall(body)
         except OSError as exc:
-            logger.warning("worker %s (pid %s): write failed (%s); delivery %s goes back to the cache",
-                           proc.worker_id, proc.pid, exc, delivery.id)
+            logger.warning(
+                "worker %s (pid %s): write failed (%s); delivery %s goes back to the cache",
+                proc.worker_id,
+                proc.pid,
+                exc,
+                delivery.id,
+            )
             proc.unassign()
             proc.retire()
             self.kill(proc)
@@ -155,8 +159,9 @@ class Pool:
                 for frame in decoder.feed(data):
                     self._on_frame(proc, frame)
             except (ProtocolError, StateError) as exc:
-                logger.error("worker %s (pid %s) sent a bad frame: %s; killing it",
-                             proc.worker_id, proc.pid, exc)
+                logger.error(
+                    "worker %s (pid %s) sent a bad frame: %s; killing it", proc.worker_id, proc.pid, exc
+                )
                 self.kill(proc)
                 break
         proc.eof = True

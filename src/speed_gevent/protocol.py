@@ -213,7 +213,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
 
 
 def encode_meta(value: Any) -> bytes:
-    return msgpack.packb(value, default=_ext_default, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, default=_ext_default, use_bin_type=True)
+    return packed
 
 
 def encode_parts(frame: Frame, meta: bytes | None = None) -> tuple[bytes, bytes]:

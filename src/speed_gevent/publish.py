@@ -52,8 +52,9 @@ def publish_messages(
         conn.release()
 
 
-def _publish_confirmed(conn: Connection, channel: Any, queue: str, bodies: list[bytes],
-                       properties: dict[str, Any]) -> int:
+def _publish_confirmed(
+    conn: Connection, channel: Any, queue: str, bodies: list[bytes], properties: dict[str, Any]
+) -> int:
     confirmed: set[int] = set()
     failed: list[str] = []
 

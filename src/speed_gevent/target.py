@@ -41,7 +41,9 @@ def load_target(target: str) -> App:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise TargetError(f"TARGET {target!r}: module {module_name!r} has no attribute {attr!r}") from None
+            raise TargetError(
+                f"TARGET {target!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
     if isinstance(obj, App):
         if obj.message_handler is None:
             raise TargetError(f"TARGET {target!r}: the App has no handler")

@@ -36,9 +36,7 @@ def check_broker_url(url: str) -> str:
     except ValueError as exc:
         raise ValueError(f"malformed URL {mask_url(url)!r}: {exc}") from None
     if parts.scheme.lower() not in AMQP_SCHEMES:
-        raise ValueError(
-            f"malformed URL {mask_url(url)!r}: scheme must be one of amqp, amqps, pyamqp"
-        )
+        raise ValueError(f"malformed URL {mask_url(url)!r}: scheme must be one of amqp, amqps, pyamqp")
     try:
         port = parts.port
     except ValueError:

@@ -45,9 +45,7 @@ TRACEBACK_LIMIT = 2000
 class Worker:
     """Handed to worker events and signal handlers: who this worker is, and a way out."""
 
-    def __init__(
-        self, worker_id: int, name: str, app: App, sock: socket.socket, parent_pid: int
-    ) -> None:
+    def __init__(self, worker_id: int, name: str, app: App, sock: socket.socket, parent_pid: int) -> None:
         self.id = worker_id
         self._parent_pid = parent_pid
         self.name = name
@@ -171,8 +169,13 @@ def run_worker(sock: socket.socket, app: App, worker_id: int, name: str, parent_
         try:
             app.emit_strict("start", worker)
         except Exception as exc:
-            logger.error("worker %s (pid %s): start event raised %s: %s; cannot boot",
-                         worker_id, worker.pid, type(exc).__name__, exc)
+            logger.error(
+                "worker %s (pid %s): start event raised %s: %s; cannot boot",
+                worker_id,
+                worker.pid,
+                type(exc).__name__,
+                exc,
+            )
             os._exit(WorkerExit.BOOT_FAILED)
         try:
             code = worker.serve()

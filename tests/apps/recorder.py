@@ -37,8 +37,16 @@ def handle(message) -> None:
         raise Reject("asked to reject")
     if data.get("fail"):
         raise ValueError(f"boom {data['id']}")
-    _write({"id": data["id"], "pid": os.getpid(), "start": started, "end": time.time(),
-            "attempt": message.attempt, "queue": message.queue})
+    _write(
+        {
+            "id": data["id"],
+            "pid": os.getpid(),
+            "start": started,
+            "end": time.time(),
+            "attempt": message.attempt,
+            "queue": message.queue,
+        }
+    )
 
 
 def inspect(message) -> None:
@@ -47,12 +55,14 @@ def inspect(message) -> None:
     thread = threading.Thread(target=lambda: seen.setdefault("thread", threading.get_ident()))
     thread.start()
     thread.join()
-    _write({
-        "id": message.json()["id"],
-        "pid": os.getpid(),
-        "socket_module": socket.socket.__module__,
-        "real_thread": seen["thread"] != threading.get_ident(),
-        "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
-        "headers": repr(message.headers),
-        "properties": repr(sorted(message.properties)),
-    })
+    _write(
+        {
+            "id": message.json()["id"],
+            "pid": os.getpid(),
+            "socket_module": socket.socket.__module__,
+            "real_thread": seen["thread"] != threading.get_ident(),
+            "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+            "headers": repr(message.headers),
+            "properties": repr(sorted(message.properties)),
+        }
+    )

@@ -1,0 +1,3 @@
+"""A handler module that fails while importing."""
+
+raise RuntimeError("this module is broken on purpose")

@@ -1,0 +1,91 @@
+"""Test helpers that talk to the broker directly (py-amqp, blocking, unpatched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kombu import Connection
+
+from speed_gevent.publish import publish_messages
+from tests.conftest import BROKER
+
+
+def publish_ids(
+    queue: str, ids: list[int], extra: dict[int, dict[str, Any]] | None = None, queue_type: str = "classic"
+) -> None:
+    """Publish one JSON message per id; `extra[id]` adds instructions for the test handler."""
+    extra = extra or {}
+    bodies = [json.dumps({"id": i, **extra.get(i, {})}).encode() for i in ids]
+    assert publish_messages(BROKER, queue, bodies, queue_type=queue_type) == len(ids)
+
+
+def ready_count(queue: str) -> int:
+    """Messages ready in `queue` (passive declare: exact and fast)."""
+    with Connection(BROKER) as conn:
+        channel = conn.connection.channel()
+        return channel.queue_declare(queue, passive=True).message_count
+
+
+def unacked_counts() -> dict[str, int]:
+    """The broker's own count of unacknowledged messages per queue (rabbitmqctl)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    counts = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def get_all(queue: str) -> list[Any]:
+    """Take every message out of `queue` (acked), returning py-amqp messages."""
+    messages = []
+    with Connection(BROKER) as conn:
+        channel = conn.connection.channel()
+        while True:
+            msg = channel.basic_get(queue, no_ack=True)
+            if msg is None:
+                return messages
+            messages.append(msg)
+
+
+def delete_queues(names: list[str]) -> None:
+    with Connection(BROKER) as conn:
+        for name in names:
+            channel = conn.connection.channel()
+            try:
+                channel.queue_delete(name)
+            except Exception:
+                pass
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def handled_ids(path: Path) -> Counter[int]:
+    return Counter(record["id"] for record in read_records(path))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,242 @@
+"""The fork server and workers over real sockets and forks, driven by a blocking stand-in
+for the master (no broker, no gevent in this process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from speed_gevent.errors import WorkerExit
+from speed_gevent.protocol import (
+    BootErrorFrame,
+    ExitedFrame,
+    ExitRequestFrame,
+    FrameDecoder,
+    MessageFrame,
+    Outcome,
+    ReadyFrame,
+    ResultFrame,
+    ServerReadyFrame,
+    SpawnedFrame,
+    SpawnFrame,
+    StopFrame,
+    decode,
+    encode,
+)
+from tests.conftest import ROOT, wait_until
+from tests.helpers import alive
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class ForkServerHarness:
+    def __init__(self, target: str, env: dict[str, str] | None = None) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.ctrl = ours
+        self.ctrl.settimeout(10)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "speed_gevent.forkserver",
+                "--fd",
+                str(theirs.fileno()),
+                "--target",
+                target,
+            ],
+            pass_fds=(theirs.fileno(),),
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+        theirs.close()
+        self.first = decode(self.ctrl.recv(65536))
+
+    def spawn(self, worker_id: int = 1) -> tuple[int, socket.socket]:
+        master_end, worker_end = socket.socketpair()
+        socket.send_fds(self.ctrl, [encode(SpawnFrame(worker_id))], [worker_end.fileno()])
+        worker_end.close()
+        spawned = decode(self.ctrl.recv(65536))
+        assert isinstance(spawned, SpawnedFrame) and spawned.worker_id == worker_id
+        master_end.settimeout(10)
+        assert read_frames(master_end, 1) == [ReadyFrame(spawned.pid)]
+        return spawned.pid, master_end
+
+    def next_exit(self) -> ExitedFrame:
+        frame = decode(self.ctrl.recv(65536))
+        assert isinstance(frame, ExitedFrame)
+        return frame
+
+    def close(self) -> None:
+        self.ctrl.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_decoders: dict[int, FrameDecoder] = {}
+
+
+def read_frames(sock: socket.socket, count: int) -> list:
+    decoder = _decoders.setdefault(sock.fileno(), FrameDecoder())
+    frames: list = []
+    while len(frames) < count:
+        data = sock.recv(65536)
+        assert data, "worker closed its socket"
+        frames += decoder.feed(data)
+    return frames
+
+
+@pytest.fixture
+def server():
+    _decoders.clear()
+    harness = ForkServerHarness("tests.apps.recorder:handle")
+    assert isinstance(harness.first, ServerReadyFrame)
+    yield harness
+    harness.close()
+
+
+def message(i: int, body: dict) -> MessageFrame:
+    meta = {
+        "queue": "q",
+        "exchange": "",
+        "routing_key": "q",
+        "redelivered": False,
+        "attempt": 1,
+        "properties": {"application_headers": {"k": "v"}},
+    }
+    return MessageFrame(i, meta, json.dumps(body).encode())
+
+
+def test_worker_runs_the_handler_and_reports_results(server, tmp_path):
+    pid, conn = server.spawn()
+    conn.sendall(encode(message(1, {"id": 1})) + encode(message(2, {"id": 2, "fail": True})))
+    ok, failed = read_frames(conn, 2)
+    assert ok == ResultFrame(1, Outcome.OK)
+    assert failed.id == 2 and failed.outcome == Outcome.ERROR
+    assert failed.error_type == "ValueError" and failed.error_message == "boom 2"
+    assert "Traceback" in failed.traceback and "boom 2" in failed.traceback
+    conn.sendall(encode(message(3, {"id": 3, "reject": True})))
+    assert read_frames(conn, 1)[0].outcome == Outcome.REJECT
+
+
+def test_worker_holds_only_its_socket_and_stdio(server):
+    pid, conn = server.spawn(1)
+    pid2, conn2 = server.spawn(2)
+    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
+    assert len(fds) == 4 and fds[:3] == [0, 1, 2], fds
+    target = os.readlink(f"/proc/{pid}/fd/{fds[3]}")
+    assert target.startswith("socket:")
+    fds2 = sorted(int(fd) for fd in os.listdir(f"/proc/{pid2}/fd"))
+    assert len(fds2) == 4, fds2
+
+
+def test_worker_exits_on_eof_and_the_exit_is_reported(server):
+    pid, conn = server.spawn()
+    conn.close()
+    exited = server.next_exit()
+    assert exited.pid == pid and os.WIFEXITED(exited.status) and os.WEXITSTATUS(exited.status) == 0
+
+
+def test_term_asks_to_leave_then_stop_frame_ends_it(server):
+    pid, conn = server.spawn()
+    os.kill(pid, signal.SIGTERM)
+    assert read_frames(conn, 1) == [ExitRequestFrame("TERM received")]
+    conn.sendall(encode(StopFrame()))
+    exited = server.next_exit()
+    assert exited.pid == pid and os.WEXITSTATUS(exited.status) == 0
+
+
+def test_int_and_hup_are_ignored_by_workers(server):
+    pid, conn = server.spawn()
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGHUP)
+    conn.sendall(encode(message(1, {"id": 1})))
+    assert read_frames(conn, 1) == [ResultFrame(1, Outcome.OK)]
+
+
+def test_corrupt_frame_ends_the_worker_not_the_server(server):
+    pid, conn = server.spawn(1)
+    conn.sendall(b"garbage that is not a frame")
+    exited = server.next_exit()
+    assert exited.pid == pid and os.WEXITSTATUS(exited.status) == WorkerExit.PROTOCOL_ERROR
+    pid2, conn2 = server.spawn(2)  # the server still forks
+    assert pid2 != pid
+
+
+def test_worker_killed_mid_message_is_reported(server):
+    pid, conn = server.spawn()
+    conn.sendall(encode(message(1, {"id": 1, "exit": True})))
+    exited = server.next_exit()
+    assert exited.pid == pid and os.WEXITSTATUS(exited.status) == 9
+
+
+def test_workers_die_with_the_fork_server(server):
+    pid, conn = server.spawn()
+    server.proc.kill()
+    wait_until(lambda: not alive(pid), 2.0, message="worker to die with the fork server")
+
+
+def test_fork_server_dies_with_its_parent(tmp_path):
+    """Start the fork server from a throwaway parent; SIGKILL the parent; all are gone in 2 s."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import os, socket, subprocess, sys, time\n"
+        "from speed_gevent.protocol import encode, decode, SpawnFrame\n"
+        "ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'speed_gevent.forkserver', '--fd', str(theirs.fileno()),"
+        " '--target', 'tests.apps.recorder:handle'], pass_fds=(theirs.fileno(),))\n"
+        "decode(ours.recv(65536))\n"
+        "a, b = socket.socketpair()\n"
+        "socket.send_fds(ours, [encode(SpawnFrame(1))], [b.fileno()])\n"
+        "print(p.pid, decode(ours.recv(65536)).pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    server_pid, worker_pid = map(int, parent.stdout.readline().split())
+    parent.kill()
+    parent.wait()
+    started = time.monotonic()
+    wait_until(
+        lambda: not alive(server_pid) and not alive(worker_pid),
+        2.0,
+        message="fork server and worker to die with their parent",
+    )
+    assert time.monotonic() - started < 2.0
+
+
+def test_broken_target_is_reported_before_any_worker():
+    harness = ForkServerHarness("tests.apps.broken:handle")
+    try:
+        assert isinstance(harness.first, BootErrorFrame)
+        assert "cannot import module 'tests.apps.broken': RuntimeError" in harness.first.message
+        assert harness.proc.wait(10) == WorkerExit.BOOT_FAILED
+    finally:
+        harness.close()
+
+
+def test_failing_start_event_means_boot_failure():
+    harness = ForkServerHarness("tests.apps.lifecycle:app", env={"SG_FAIL_START": "1"})
+    try:
+        master_end, worker_end = socket.socketpair()
+        socket.send_fds(harness.ctrl, [encode(SpawnFrame(1))], [worker_end.fileno()])
+        worker_end.close()
+        spawned = decode(harness.ctrl.recv(65536))
+        exited = harness.next_exit()
+        assert exited.pid == spawned.pid and os.WEXITSTATUS(exited.status) == WorkerExit.BOOT_FAILED
+    finally:
+        harness.close()

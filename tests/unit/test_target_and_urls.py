@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from speed_gevent.app import App
+from speed_gevent.errors import TargetError
+from speed_gevent.target import load_target, parse_target
+from speed_gevent.urls import check_broker_url, mask_secrets, mask_url
+
+
+@pytest.mark.parametrize("target, message", [
+    ("nocolon", "expected module:callable"),
+    ("bad module:x", "is not a module path"),
+    ("mod:1x", "is not an attribute name"),
+    ("tests.apps.nothere:handle", "cannot import module 'tests.apps.nothere': ModuleNotFoundError"),
+    ("tests.apps.recorder:missing", "has no attribute 'missing'"),
+    ("tests.apps.recorder:_RECORD", "is a str, not callable"),
+    ("tests.apps.broken:handle", "cannot import module 'tests.apps.broken': RuntimeError"),
+])  # fmt: skip
+def test_target_errors_are_one_clear_line(target, message):
+    with pytest.raises(TargetError, match=message) as info:
+        load_target(target)
+    assert "\n" not in str(info.value)
+
+
+def test_target_callable_and_app():
+    assert load_target("tests.apps.recorder:handle").message_handler is not None
+    app = load_target("tests.apps.lifecycle:app")
+    assert isinstance(app, App)
+
+
+def test_parse_target():
+    assert parse_target("a.b:c") == ("a.b", "c")
+
+
+@pytest.mark.parametrize("url, masked", [
+    ("amqp://guest:guest@localhost:5672//", "amqp://guest:**@localhost:5672//"),
+    ("amqps://user:p%40ss:w@host/vh", "amqps://user:**@host/vh"),
+    ("amqp://localhost//", "amqp://localhost//"),
+    ("amqp://user@host//", "amqp://user@host//"),
+    ("amqp://u:secret@host:notaport//", "amqp://u:**@host:notaport//"),
+])  # fmt: skip
+def test_mask_url(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_mask_secrets_in_foreign_text():
+    url = "amqp://bob:s3cret@host//"
+    assert "s3cret" not in mask_secrets(f"failed for {url} with password s3cret", url)
+
+
+@pytest.mark.parametrize(
+    "url", ["amqp://h:0//", "amqp://h:70000//", "redis://h//", "amqp:///", "amqp://h:x//"]
+)
+def test_bad_broker_urls(url):
+    with pytest.raises(ValueError):
+        check_broker_url(url)
+
+
+def test_package_import_is_light():
+    """The entry point must patch before kombu/gevent load; importing the package must not load them."""
+    code = (
+        "import sys, speed_gevent; from speed_gevent import App, Retry, Reject; "
+        "print(sorted(m for m in ('gevent', 'kombu', 'amqp') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
