@@ -171,6 +171,8 @@ class Master(PoolEvents):
             except BrokerError:
                 raise
             except Exception as exc:
+                if self._stops.count:
+                    break
                 why = mask_secrets(f"{type(exc).__name__}: {exc}", self.settings.broker)
                 if give_up is not None and time.monotonic() + delay > give_up:
                     raise BrokerError(

@@ -20,11 +20,14 @@ def mask_url(url: str, mask: str = "**") -> str:
 def mask_secrets(text: str, url: str, mask: str = "**") -> str:
     """`text` with the URL's password masked wherever it appears (for foreign error texts)."""
     try:
-        password = urlsplit(url).password
+        parts = urlsplit(url)
+        password, username = parts.password, parts.username
     except ValueError:
-        password = None
+        password = username = None
     text = text.replace(url, mask_url(url, mask))
-    if password and len(password) >= 3:
+    # A password equal to the user name (guest:guest) would mask the name too; the URL
+    # itself is masked above, which is where such a password shows.
+    if password and len(password) >= 3 and password != username:
         text = text.replace(password, mask)
     return text
 

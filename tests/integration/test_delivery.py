@@ -1,0 +1,257 @@
+"""End to end through the real CLI and a real RabbitMQ: count every message by id."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import wait_until
+from tests.helpers import alive, get_all, handled_ids, publish_ids, ready_count, unacked_counts
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def rate_from(output: str) -> str:
+    match = re.search(r"(\d+) msg/s over ([\d.]+)s", output)
+    return f"{match.group(1)} msg/s over {match.group(2)}s" if match else "?"
+
+
+def test_10000_messages_over_3_queues_4_workers(run_cli, queue_names, tmp_path):
+    queues = [queue_names(label) for label in "abc"]
+    ids = list(range(1, 10_001))
+    for index, queue in enumerate(queues):
+        publish_ids(queue, ids[index::3])
+    record = tmp_path / "rec"
+    args = ["run", "tests.apps.recorder:handle", "--max-workers", "4", "--exit-when-idle", "2s"]
+    for queue in queues:
+        args += ["--queue", queue]
+    runner = run_cli(*args, env={"SG_RECORD": str(record)})
+    assert runner.wait(120) == 0, runner.output()[-3000:]
+    seen = handled_ids(record)
+    assert set(seen) == set(ids)
+    assert max(seen.values()) == 1, "duplicates"
+    for queue in queues:
+        assert ready_count(queue) == 0
+        assert ready_count(queue + ".dead") == 0
+    output = runner.output()
+    assert "handled 10000 (failed 0)" in output and "stopped (graceful)" in output
+    print(f"\n10,000 messages, 3 queues, 4 workers: {rate_from(output)}")
+
+
+def test_unacked_never_exceeds_max_cache(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    ids = list(range(1, 401))
+    publish_ids(queue, ids, extra={i: {"sleep": 0.05} for i in ids})
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "4",
+                     "--max-cache", "20", "--exit-when-idle", "1s", env={"SG_RECORD": str(record)})
+    samples = []
+    wait_until(lambda: handled_ids(record), 30, message="first handled message")
+    while runner.proc.poll() is None and len(samples) < 6:
+        samples.append(unacked_counts().get(queue, 0))
+    assert runner.wait(60) == 0
+    assert samples and max(samples) <= 20, samples
+    assert max(samples) > 0, f"sampling saw no unacked messages at all: {samples}"
+    print(f"\nunacked samples with --max-cache 20: {samples}")
+    assert set(handled_ids(record)) == set(ids)
+
+
+def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    ids = list(range(1, 2001))
+    publish_ids(queue, ids, extra={i: {"sleep": 0.01} for i in ids})
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
+                     "--graceful-timeout", "10s", env={"SG_RECORD": str(record)})
+    wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
+    stopped_at = time.monotonic()
+    os.kill(runner.pid, signal.SIGTERM)
+    assert runner.wait(15) == 0
+    assert time.monotonic() - stopped_at < 10
+    handled = handled_ids(record)
+    back = [int(m.body.decode().split('"id": ')[1].split(",")[0].rstrip("}")) for m in get_all(queue)]
+    assert max(handled.values()) == 1, "a message was handled twice"
+    assert len(back) == len(set(back)), "a message is twice in the queue"
+    assert not set(handled) & set(back), "a message was handled and also returned"
+    assert set(handled) | set(back) == set(ids), "a message was lost"
+    assert "stopped (graceful)" in runner.output()
+
+
+def _session_processes(leader: int) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["pid"]) if _sid(p.pid) == leader and p.pid != leader]
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    ids = list(range(1, 1001))
+    publish_ids(queue, ids, extra={i: {"sleep": 0.005} for i in ids})
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3",
+                     env={"SG_RECORD": str(record)})
+    wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
+    children = _session_processes(runner.pid)
+    assert len(children) == 4, children  # the fork server and three workers
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.proc.wait()
+    killed_at = time.monotonic()
+    wait_until(lambda: not any(alive(pid) for pid in children), 2.0, message="workers to die")
+    assert time.monotonic() - killed_at <= 2.0
+    rerun = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3",
+                    "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    assert rerun.wait(60) == 0
+    assert set(handled_ids(record)) == set(ids), "a message was lost"
+    assert ready_count(queue) == 0
+
+
+def test_failures_are_dead_lettered_with_their_story(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    ids = list(range(1, 201))
+    raising = {i for i in ids if i % 10 == 0}
+    exiting = {i for i in ids if i % 20 == 5}
+    rejected = {7}
+    extra = {i: {"fail": True} for i in raising}
+    extra.update({i: {"exit": True} for i in exiting})
+    extra.update({i: {"reject": True} for i in rejected})
+    publish_ids(queue, ids, extra=extra)
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3",
+                     "--max-retries", "0", "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    assert runner.wait(60) == 0, runner.output()[-3000:]
+    dead = {}
+    for msg in get_all(queue + ".dead"):
+        import json
+
+        dead[json.loads(msg.body)["id"]] = msg.properties["application_headers"]
+    assert set(dead) == raising | exiting | rejected
+    handled = handled_ids(record)
+    assert set(handled) == set(ids) - set(dead) and max(handled.values()) == 1
+    assert len(handled) + len(dead) == len(ids)
+    boom = dead[10]
+    assert boom["x-speed-reason"] == "error" and boom["x-speed-error-type"] == "ValueError"
+    assert boom["x-speed-error-message"] == "boom 10" and "boom 10" in boom["x-speed-traceback"]
+    assert boom["x-speed-origin-queue"] == queue and boom["x-speed-attempt"] == 1
+    crash = dead[5]
+    assert crash["x-speed-reason"] == "crash" and crash["x-speed-exit-status"] == "exit code 9"
+    assert dead[7]["x-speed-reason"] == "reject" and dead[7]["x-speed-error-message"] == "asked to reject"
+    assert ready_count(queue) == 0
+
+
+def test_retries_then_dead_letter(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, [1, 2], extra={1: {"fail": True}})
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1",
+                     "--max-retries", "2", "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    assert runner.wait(60) == 0
+    dead = get_all(queue + ".dead")
+    assert len(dead) == 1 and dead[0].properties["application_headers"]["x-speed-attempt"] == 3
+    assert handled_ids(record) == {2: 1}
+    assert "retried 2, dead-lettered 1" in runner.output()
+
+
+def test_second_signal_stops_at_once_and_returns_the_message(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, [1], extra={1: {"sleep": 60}})
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1")
+    wait_until(lambda: "busy" in _titles(runner.pid), 30, message="the worker to be busy")
+    os.kill(runner.pid, signal.SIGTERM)
+    wait_until(lambda: "stopping: cancelling consumers" in runner.output(), 10, message="graceful stop")
+    started = time.monotonic()
+    os.kill(runner.pid, signal.SIGINT)
+    assert runner.wait(10) == 0
+    assert time.monotonic() - started < 5
+    assert ready_count(queue) == 1 and ready_count(queue + ".dead") == 0
+    assert "stopped (immediate)" in runner.output()
+
+
+def test_graceful_timeout_kills_the_handler_without_counting_a_failure(run_cli, queue_names):
+    queue = queue_names()
+    publish_ids(queue, [1], extra={1: {"sleep": 60}})
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1",
+                     "--graceful-timeout", "1s")
+    wait_until(lambda: "busy" in _titles(runner.pid), 30, message="the worker to be busy")
+    os.kill(runner.pid, signal.SIGTERM)
+    assert runner.wait(15) == 0
+    assert ready_count(queue) == 1 and ready_count(queue + ".dead") == 0
+    back = get_all(queue)
+    assert "x-speed-attempt" not in (back[0].properties.get("application_headers") or {})
+
+
+def _titles(leader: int) -> str:
+    titles = []
+    for pid in [leader, *_session_processes(leader)]:
+        try:
+            titles.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
+        except OSError:
+            pass
+    return "\n".join(titles)
+
+
+def test_process_titles_and_no_password(run_cli, queue_names):
+    queue = queue_names()
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
+                     "--name", "titled", env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@localhost:5672//"})
+    titles = wait_until(lambda: (t := _titles(runner.pid)).count("worker") == 2 and t, 30,
+                        message="titles")
+    assert f"speed-gevent: master titled [{queue}]" in titles
+    assert "speed-gevent: worker 1 idle" in titles and "speed-gevent: worker 2 idle" in titles
+    assert "guest:guest" not in titles
+    os.kill(runner.pid, signal.SIGUSR1)
+    wait_until(lambda: "stats {" in runner.output(), 10, message="USR1 stats")
+    os.kill(runner.pid, signal.SIGTERM)
+    assert runner.wait(15) == 0
+    assert "guest:guest" not in runner.output()
+
+
+def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, [1], extra={})
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:inspect", "-q", queue, "--max-workers", "2",
+                     env={"SG_RECORD": str(record)})
+    from tests.helpers import read_records
+
+    seen = wait_until(lambda: read_records(record), 30, message="the inspect handler")[0]
+    assert seen["socket_module"] == "socket", "the handler saw a gevent-patched socket"
+    assert seen["real_thread"] is True
+    workers = [pid for pid in _session_processes(runner.pid)
+               if "worker" in open(f"/proc/{pid}/cmdline").read()]
+    assert len(workers) == 2
+    for pid in workers:
+        fds = os.listdir(f"/proc/{pid}/fd")
+        links = sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds if int(fd) > 2)
+        assert len(links) == 1 and links[0].startswith("socket:"), (pid, links)
+    os.kill(runner.pid, signal.SIGTERM)
+    assert runner.wait(15) == 0
+
+
+def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, tmp_path):
+    import subprocess
+
+    queue = queue_names()
+    ids = list(range(1, 301))
+    publish_ids(queue, ids, extra={i: {"sleep": 0.02} for i in ids})
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
+                     env={"SG_RECORD": str(record)})
+    wait_until(lambda: len(handled_ids(record)) >= 20, 30, message="20 handled")
+    subprocess.run(["rabbitmqctl", "close_all_connections", "test closes it"], check=True,
+                   capture_output=True, timeout=30)
+    assert runner.wait(20) == 1
+    assert "lost the connection" in runner.output()
+    rerun = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
+                    "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    assert rerun.wait(60) == 0
+    assert set(handled_ids(record)) == set(ids)

@@ -1,0 +1,67 @@
+"""Bad input through the real CLI: one clear line on stderr, exit 2, no traceback, and
+nothing started (checked before the fork server or the broker is touched)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.timeout(60)
+
+# No broker listens here: if a bad-input case reached the network it would hang or exit 3.
+NOWHERE = "amqp://guest:guest@127.0.0.1:1//"
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPEED_GEVENT_")}
+    full_env.update({"PYTHONPATH": str(ROOT), "SPEED_GEVENT_BROKER": NOWHERE, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "speed_gevent", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=30)
+
+
+CASES = [
+    (["run", "tests.apps.nothere:handle", "-q", "a"], "cannot import module 'tests.apps.nothere'"),
+    (["run", "tests.apps.broken:handle", "-q", "a"], "RuntimeError: this module is broken on purpose"),
+    (["run", "tests.apps.recorder:_RECORD", "-q", "a"], "not callable"),
+    (["run", "tests.apps.recorder", "-q", "a"], "expected module:callable"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "-b", "amqp://u:pw@host:99999//"], "--broker: malformed URL"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "-b", "localhost:5672"], "--broker: malformed URL"),
+    (["run", "tests.apps.recorder:handle"], "--queue: at least one queue is required"),
+    (["run", "tests.apps.recorder:handle", "-q", ""], "--queue: queue name must not be empty"),
+    (["run", "tests.apps.recorder:handle", "-q", "amq.x"], "starts with 'amq.'"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "--max-workers", "x"], "--max-workers: expected a whole number"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "--graceful-timeout", "soon"], "--graceful-timeout: expected a duration"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "-q", "b", "--max-cache", "1"], "--max-cache: must be at least the number of queues"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "--config", "/nonexistent.toml"], "--config: cannot read"),
+    (["run", "tests.apps.recorder:handle", "-q", "a", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["publish", "amq.nope"], "starts with 'amq.'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, message", CASES, ids=[" ".join(c[0][1:])[:50] for c in CASES])
+def test_bad_input_is_one_clear_line_and_exit_2(args, message):
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "pw@" not in result.stderr
+
+
+def test_env_value_errors_name_the_variable():
+    result = run("run", "tests.apps.recorder:handle", env={"SPEED_GEVENT_QUEUE": "a",
+                                                           "SPEED_GEVENT_MAX_WORKERS": "-3"})
+    assert result.returncode == 2
+    assert "(from SPEED_GEVENT_MAX_WORKERS)" in result.stderr
+
+
+def test_version_and_help():
+    assert run("--version").stdout.startswith("speed-gevent ")
+    text = run("run", "--help").stdout
+    for flag in ("--max-workers", "--max-cache", "--exit-when-idle", "SPEED_GEVENT_BROKER"):
+        assert flag in text
