@@ -143,12 +143,14 @@ class Master(PoolEvents):
             self._pool.spawn()
         self._spawn("dispatcher", self._dispatch_loop)
         prefetch = settings.prefetch_per_queue()
+        # RUNNING before the first basic_consume: deliveries for the first queue can arrive
+        # while the next consume waits for its consume-ok, and they must be kept, not requeued.
+        self.state = MasterState.RUNNING
         self._session.start_consuming(prefetch)
         self._last_delivery_at = time.monotonic()
         self._spawn("consumer", self._consume_loop)
         if settings.exit_when_idle:
             self._spawn("idle-watch", self._idle_watch_loop)
-        self.state = MasterState.RUNNING
         logger.info(
             "master %s (pid %s) consuming %s from %s with %d workers, prefetch %s",
             settings.name,

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_passive_missing_queue_is_exit_2(queue_names):
     queue = queue_names()
-    result = run("run", "tests.apps.recorder:handle", "-q", queue, "--passive", env={"SPEED_GEVENT_BROKER": BROKER})
+    result = run(
+        "run", "tests.apps.recorder:handle", "-q", queue, "--passive", env={"SPEED_GEVENT_BROKER": BROKER}
+    )
     assert result.returncode == 2, result.stderr
     assert f"--queue: queue {queue!r} does not exist (--passive)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -32,8 +34,15 @@ def test_refused_credentials_or_vhost_is_exit_3(queue_names, url, secret):
 
 
 def test_connect_timeout_gives_up_with_exit_3(queue_names):
-    result = run("run", "tests.apps.recorder:handle", "-q", queue_names(), "--connect-timeout", "1s",
-                 env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@127.0.0.1:1//"})
+    result = run(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue_names(),
+        "--connect-timeout",
+        "1s",
+        env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@127.0.0.1:1//"},
+    )
     assert result.returncode == 3, result.stderr
     assert "cannot reach the broker" in result.stderr and "guest:guest" not in result.stderr
 

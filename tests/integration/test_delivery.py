@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -39,7 +40,8 @@ def test_10000_messages_over_3_queues_4_workers(run_cli, queue_names, tmp_path):
         assert ready_count(queue) == 0
         assert ready_count(queue + ".dead") == 0
     output = runner.output()
-    assert "handled 10000 (failed 0)" in output and "stopped (graceful)" in output
+    assert "received 10000, handled 10000 (failed 0)" in output, "deliveries were requeued or lost"
+    assert "stopped (graceful)" in output
     print(f"\n10,000 messages, 3 queues, 4 workers: {rate_from(output)}")
 
 
@@ -48,8 +50,19 @@ def test_unacked_never_exceeds_max_cache(run_cli, queue_names, tmp_path):
     ids = list(range(1, 401))
     publish_ids(queue, ids, extra={i: {"sleep": 0.05} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "4",
-                     "--max-cache", "20", "--exit-when-idle", "1s", env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "4",
+        "--max-cache",
+        "20",
+        "--exit-when-idle",
+        "1s",
+        env={"SG_RECORD": str(record)},
+    )
     samples = []
     wait_until(lambda: handled_ids(record), 30, message="first handled message")
     while runner.proc.poll() is None and len(samples) < 6:
@@ -66,8 +79,17 @@ def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_cli, queue_na
     ids = list(range(1, 2001))
     publish_ids(queue, ids, extra={i: {"sleep": 0.01} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
-                     "--graceful-timeout", "10s", env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "2",
+        "--graceful-timeout",
+        "10s",
+        env={"SG_RECORD": str(record)},
+    )
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
     stopped_at = time.monotonic()
     os.kill(runner.pid, signal.SIGTERM)
@@ -98,8 +120,9 @@ def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_cli, queue_names,
     ids = list(range(1, 1001))
     publish_ids(queue, ids, extra={i: {"sleep": 0.005} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3",
-                     env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3", env={"SG_RECORD": str(record)}
+    )
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
     children = _session_processes(runner.pid)
     assert len(children) == 4, children  # the fork server and three workers
@@ -108,8 +131,17 @@ def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_cli, queue_names,
     killed_at = time.monotonic()
     wait_until(lambda: not any(alive(pid) for pid in children), 2.0, message="workers to die")
     assert time.monotonic() - killed_at <= 2.0
-    rerun = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3",
-                    "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    rerun = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "3",
+        "--exit-when-idle",
+        "2s",
+        env={"SG_RECORD": str(record)},
+    )
     assert rerun.wait(60) == 0
     assert set(handled_ids(record)) == set(ids), "a message was lost"
     assert ready_count(queue) == 0
@@ -126,8 +158,19 @@ def test_failures_are_dead_lettered_with_their_story(run_cli, queue_names, tmp_p
     extra.update({i: {"reject": True} for i in rejected})
     publish_ids(queue, ids, extra=extra)
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3",
-                     "--max-retries", "0", "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "3",
+        "--max-retries",
+        "0",
+        "--exit-when-idle",
+        "2s",
+        env={"SG_RECORD": str(record)},
+    )
     assert runner.wait(60) == 0, runner.output()[-3000:]
     dead = {}
     for msg in get_all(queue + ".dead"):
@@ -152,8 +195,19 @@ def test_retries_then_dead_letter(run_cli, queue_names, tmp_path):
     queue = queue_names()
     publish_ids(queue, [1, 2], extra={1: {"fail": True}})
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1",
-                     "--max-retries", "2", "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "1",
+        "--max-retries",
+        "2",
+        "--exit-when-idle",
+        "2s",
+        env={"SG_RECORD": str(record)},
+    )
     assert runner.wait(60) == 0
     dead = get_all(queue + ".dead")
     assert len(dead) == 1 and dead[0].properties["application_headers"]["x-speed-attempt"] == 3
@@ -179,8 +233,9 @@ def test_second_signal_stops_at_once_and_returns_the_message(run_cli, queue_name
 def test_graceful_timeout_kills_the_handler_without_counting_a_failure(run_cli, queue_names):
     queue = queue_names()
     publish_ids(queue, [1], extra={1: {"sleep": 60}})
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1",
-                     "--graceful-timeout", "1s")
+    runner = run_cli(
+        "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1", "--graceful-timeout", "1s"
+    )
     wait_until(lambda: "busy" in _titles(runner.pid), 30, message="the worker to be busy")
     os.kill(runner.pid, signal.SIGTERM)
     assert runner.wait(15) == 0
@@ -193,7 +248,7 @@ def _titles(leader: int) -> str:
     titles = []
     for pid in [leader, *_session_processes(leader)]:
         try:
-            titles.append(open(f"/proc/{pid}/cmdline").read().replace("\0", " "))
+            titles.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
         except OSError:
             pass
     return "\n".join(titles)
@@ -201,10 +256,18 @@ def _titles(leader: int) -> str:
 
 def test_process_titles_and_no_password(run_cli, queue_names):
     queue = queue_names()
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
-                     "--name", "titled", env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@localhost:5672//"})
-    titles = wait_until(lambda: (t := _titles(runner.pid)).count("worker") == 2 and t, 30,
-                        message="titles")
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "2",
+        "--name",
+        "titled",
+        env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@localhost:5672//"},
+    )
+    titles = wait_until(lambda: (t := _titles(runner.pid)).count("worker") == 2 and t, 30, message="titles")
     assert f"speed-gevent: master titled [{queue}]" in titles
     assert "speed-gevent: worker 1 idle" in titles and "speed-gevent: worker 2 idle" in titles
     assert "guest:guest" not in titles
@@ -219,15 +282,23 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queu
     queue = queue_names()
     publish_ids(queue, [1], extra={})
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:inspect", "-q", queue, "--max-workers", "2",
-                     env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:inspect",
+        "-q",
+        queue,
+        "--max-workers",
+        "2",
+        env={"SG_RECORD": str(record)},
+    )
     from tests.helpers import read_records
 
     seen = wait_until(lambda: read_records(record), 30, message="the inspect handler")[0]
     assert seen["socket_module"] == "socket", "the handler saw a gevent-patched socket"
     assert seen["real_thread"] is True
-    workers = [pid for pid in _session_processes(runner.pid)
-               if "worker" in open(f"/proc/{pid}/cmdline").read()]
+    workers = [
+        pid for pid in _session_processes(runner.pid) if "worker" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
     assert len(workers) == 2
     for pid in workers:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -244,14 +315,28 @@ def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, t
     ids = list(range(1, 301))
     publish_ids(queue, ids, extra={i: {"sleep": 0.02} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
-                     env={"SG_RECORD": str(record)})
+    runner = run_cli(
+        "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2", env={"SG_RECORD": str(record)}
+    )
     wait_until(lambda: len(handled_ids(record)) >= 20, 30, message="20 handled")
-    subprocess.run(["rabbitmqctl", "close_all_connections", "test closes it"], check=True,
-                   capture_output=True, timeout=30)
+    subprocess.run(
+        ["rabbitmqctl", "close_all_connections", "test closes it"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     assert runner.wait(20) == 1
     assert "lost the connection" in runner.output()
-    rerun = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2",
-                    "--exit-when-idle", "2s", env={"SG_RECORD": str(record)})
+    rerun = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "2",
+        "--exit-when-idle",
+        "2s",
+        env={"SG_RECORD": str(record)},
+    )
     assert rerun.wait(60) == 0
     assert set(handled_ids(record)) == set(ids)

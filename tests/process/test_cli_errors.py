@@ -20,25 +20,32 @@ NOWHERE = "amqp://guest:guest@127.0.0.1:1//"
 def run(*args: str, env: dict[str, str] | None = None, cwd=ROOT) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPEED_GEVENT_")}
     full_env.update({"PYTHONPATH": str(ROOT), "SPEED_GEVENT_BROKER": NOWHERE, **(env or {})})
-    return subprocess.run([sys.executable, "-m", "speed_gevent", *args], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "speed_gevent", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=30,
+    )
 
 
+H = "tests.apps.recorder:handle"
 CASES = [
     (["run", "tests.apps.nothere:handle", "-q", "a"], "cannot import module 'tests.apps.nothere'"),
     (["run", "tests.apps.broken:handle", "-q", "a"], "RuntimeError: this module is broken on purpose"),
     (["run", "tests.apps.recorder:_RECORD", "-q", "a"], "not callable"),
     (["run", "tests.apps.recorder", "-q", "a"], "expected module:callable"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "-b", "amqp://u:pw@host:99999//"], "--broker: malformed URL"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "-b", "localhost:5672"], "--broker: malformed URL"),
-    (["run", "tests.apps.recorder:handle"], "--queue: at least one queue is required"),
-    (["run", "tests.apps.recorder:handle", "-q", ""], "--queue: queue name must not be empty"),
-    (["run", "tests.apps.recorder:handle", "-q", "amq.x"], "starts with 'amq.'"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "--max-workers", "x"], "--max-workers: expected a whole number"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "--graceful-timeout", "soon"], "--graceful-timeout: expected a duration"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "-q", "b", "--max-cache", "1"], "--max-cache: must be at least the number of queues"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "--config", "/nonexistent.toml"], "--config: cannot read"),
-    (["run", "tests.apps.recorder:handle", "-q", "a", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["run", H, "-q", "a", "-b", "amqp://u:pw@host:99999//"], "--broker: malformed URL"),
+    (["run", H, "-q", "a", "-b", "localhost:5672"], "--broker: malformed URL"),
+    (["run", H], "--queue: at least one queue is required"),
+    (["run", H, "-q", ""], "--queue: queue name must not be empty"),
+    (["run", H, "-q", "amq.x"], "starts with 'amq.'"),
+    (["run", H, "-q", "a", "--max-workers", "x"], "--max-workers: expected a whole number"),
+    (["run", H, "-q", "a", "--graceful-timeout", "soon"], "--graceful-timeout: expected a duration"),
+    (["run", H, "-q", "a", "-q", "b", "--max-cache", "1"], "--max-cache: must be at least the number"),
+    (["run", H, "-q", "a", "--config", "/nonexistent.toml"], "--config: cannot read"),
+    (["run", H, "-q", "a", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["publish", "amq.nope"], "starts with 'amq.'"),
 ]  # fmt: skip
 
@@ -54,8 +61,9 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, message):
 
 
 def test_env_value_errors_name_the_variable():
-    result = run("run", "tests.apps.recorder:handle", env={"SPEED_GEVENT_QUEUE": "a",
-                                                           "SPEED_GEVENT_MAX_WORKERS": "-3"})
+    result = run(
+        "run", "tests.apps.recorder:handle", env={"SPEED_GEVENT_QUEUE": "a", "SPEED_GEVENT_MAX_WORKERS": "-3"}
+    )
     assert result.returncode == 2
     assert "(from SPEED_GEVENT_MAX_WORKERS)" in result.stderr
 
