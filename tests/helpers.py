@@ -89,3 +89,42 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def broker_connections() -> list[tuple[str, int, int]]:
+    """(Erlang pid, client port, negotiated heartbeat) of every connection the broker holds."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_connections", "-q", "--no-table-headers", "pid", "peer_port", "timeout"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        parts = line.rsplit("\t", 2)
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            rows.append((parts[0], int(parts[1]), int(parts[2])))
+    return rows
+
+
+def broker_connection_of(pid: int) -> tuple[str, int, int] | None:
+    """The broker's record of the AMQP connection opened by process `pid`."""
+    import psutil
+
+    ports = {
+        c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr and c.raddr.port == 5672
+    }
+    for row in broker_connections():
+        if row[1] in ports:
+            return row
+    return None
+
+
+def close_broker_connection(pid: str) -> None:
+    subprocess.run(
+        ["rabbitmqctl", "close_connection", pid, "closed by a test"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )

@@ -42,32 +42,39 @@ class Message:
     @property
     def properties(self) -> dict[str, Any]:
         """AMQP basic properties (content_type, correlation_id, reply_to, message_id, ...)."""
-        return self._meta["properties"]
+        properties: dict[str, Any] = self._meta["properties"]
+        return properties
 
     @property
     def headers(self) -> dict[str, Any]:
-        return self._meta["properties"].get("application_headers") or {}
+        headers: dict[str, Any] = self.properties.get("application_headers") or {}
+        return headers
 
     @property
     def queue(self) -> str:
-        return self._meta["queue"]
+        value: str = self._meta["queue"]
+        return value
 
     @property
     def exchange(self) -> str:
-        return self._meta["exchange"]
+        value: str = self._meta["exchange"]
+        return value
 
     @property
     def routing_key(self) -> str:
-        return self._meta["routing_key"]
+        value: str = self._meta["routing_key"]
+        return value
 
     @property
     def redelivered(self) -> bool:
-        return self._meta["redelivered"]
+        value: bool = self._meta["redelivered"]
+        return value
 
     @property
     def attempt(self) -> int:
         """1 for the first delivery, counting failed attempts before this one."""
-        return self._meta["attempt"]
+        value: int = self._meta["attempt"]
+        return value
 
     def __repr__(self) -> str:
         return f"<Message queue={self.queue!r} attempt={self.attempt} {len(self.body)} bytes>"

@@ -12,7 +12,16 @@ import psutil
 import pytest
 
 from tests.conftest import wait_until
-from tests.helpers import alive, get_all, handled_ids, publish_ids, ready_count, unacked_counts
+from tests.helpers import (
+    alive,
+    broker_connection_of,
+    close_broker_connection,
+    get_all,
+    handled_ids,
+    publish_ids,
+    ready_count,
+    unacked_counts,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -309,8 +318,6 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queu
 
 
 def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, tmp_path):
-    import subprocess
-
     queue = queue_names()
     ids = list(range(1, 301))
     publish_ids(queue, ids, extra={i: {"sleep": 0.02} for i in ids})
@@ -319,12 +326,8 @@ def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, t
         "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2", env={"SG_RECORD": str(record)}
     )
     wait_until(lambda: len(handled_ids(record)) >= 20, 30, message="20 handled")
-    subprocess.run(
-        ["rabbitmqctl", "close_all_connections", "test closes it"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    connection = wait_until(lambda: broker_connection_of(runner.pid), 10, message="the connection")
+    close_broker_connection(connection[0])
     assert runner.wait(20) == 1
     assert "lost the connection" in runner.output()
     rerun = run_cli(
@@ -340,3 +343,90 @@ def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, t
     )
     assert rerun.wait(60) == 0
     assert set(handled_ids(record)) == set(ids)
+
+
+def test_heartbeats_are_asked_for(run_cli, queue_names):
+    """kombu leaves heartbeats off unless asked; the broker must see the one we ask for."""
+    runner = run_cli(
+        "run", "tests.apps.recorder:handle", "-q", queue_names(), "--max-workers", "1", "--heartbeat", "7s"
+    )
+    connection = wait_until(lambda: broker_connection_of(runner.pid), 30, message="the connection")
+    assert connection[2] == 7
+    os.kill(runner.pid, signal.SIGTERM)
+    assert runner.wait(15) == 0
+
+
+def test_consumer_wakes_on_acks_not_on_a_timer(run_cli, queue_names, tmp_path):
+    """With a 2-message window nothing new arrives until acks leave; a drain that slept on a
+    fixed 1 s timeout would need 1,000 s for 2,000 messages. Event-driven, it takes seconds."""
+    queue = queue_names()
+    ids = list(range(1, 2001))
+    publish_ids(queue, ids)
+    record = tmp_path / "rec"
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "2",
+        "--max-cache",
+        "2",
+        "--exit-when-idle",
+        "1s",
+        env={"SG_RECORD": str(record)},
+    )
+    assert runner.wait(60) == 0
+    assert set(handled_ids(record)) == set(ids)
+
+
+def test_quorum_queue_with_per_consumer_prefetch(run_cli, queue_names, tmp_path):
+    """Quorum queues refuse global QoS: consuming two of them must work, within the cache bound."""
+    queues = [queue_names("qa"), queue_names("qb")]
+    ids = list(range(1, 301))
+    for index, queue in enumerate(queues):
+        publish_ids(queue, ids[index::2], extra={i: {"sleep": 0.02} for i in ids}, queue_type="quorum")
+    record = tmp_path / "rec"
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queues[0],
+        "-q",
+        queues[1],
+        "--queue-type",
+        "quorum",
+        "--max-workers",
+        "3",
+        "--max-cache",
+        "6",
+        "--exit-when-idle",
+        "1s",
+        env={"SG_RECORD": str(record)},
+    )
+    wait_until(lambda: handled_ids(record), 30, message="first handled message")
+    samples = []
+    while runner.proc.poll() is None and len(samples) < 3:
+        counts = unacked_counts()
+        samples.append(sum(counts.get(queue, 0) for queue in queues))
+    assert runner.wait(60) == 0, runner.output()[-2000:]
+    assert max(samples) <= 6, samples
+    seen = handled_ids(record)
+    assert set(seen) == set(ids) and max(seen.values()) == 1
+
+
+def test_a_dead_worker_is_replaced(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2")
+    wait_until(lambda: _titles(runner.pid).count("idle") == 2, 30, message="two idle workers")
+    workers = [
+        pid for pid in _session_processes(runner.pid) if "worker" in Path(f"/proc/{pid}/cmdline").read_text()
+    ]
+    os.kill(workers[0], signal.SIGKILL)
+    wait_until(lambda: not alive(workers[0]), 5, message="the worker to die")
+    wait_until(lambda: "worker 3 idle" in _titles(runner.pid), 10, message="a replacement worker")
+    record = tmp_path / "rec"
+    assert _titles(runner.pid).count("idle") == 2
+    os.kill(runner.pid, signal.SIGTERM)
+    assert runner.wait(15) == 0
+    assert not record.exists()
