@@ -77,7 +77,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def handled_ids(path: Path) -> Counter[int]:
-    return Counter(record["id"] for record in read_records(path))
+    """How often each id was handled to the end (start markers are not counted)."""
+    return Counter(record["id"] for record in read_records(path) if "event" not in record)
+
+
+def started_ids(path: Path) -> Counter[int]:
+    """How often each id was started by a handler that then exited or hung."""
+    return Counter(record["id"] for record in read_records(path) if record.get("event") == "start")
 
 
 def alive(pid: int) -> bool:

@@ -41,5 +41,12 @@ class MessageCache:
         self._items.clear()
         return items
 
+    def expire(self, received_before: float) -> list[Delivery]:
+        """Take out deliveries that arrived before `received_before` (oldest first)."""
+        expired = []
+        while self._items and self._items[0].received_at < received_before:
+            expired.append(self._items.popleft())
+        return expired
+
     def oldest_age(self, now: float) -> float:
         return now - self._items[0].received_at if self._items else 0.0

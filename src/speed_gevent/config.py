@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import ConfigError
-from .units import parse_duration
+from .units import parse_duration, parse_size
 from .urls import check_broker_url
 
 ENV_PREFIX = "SPEED_GEVENT_"
@@ -51,6 +51,25 @@ def _optional_duration(value: object) -> float | None:
         return None
     seconds = parse_duration(value)
     return seconds or None
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a duration above zero")
+    return seconds
+
+
+def _optional_size(value: object) -> int | None:
+    if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+        return None
+    return parse_size(value) or None
+
+
+def _optional_count(value: object) -> int | None:
+    if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
+        return None
+    return _int_at_least(0)(value) or None
 
 
 def _choice(*choices: str) -> Callable[[object], str]:
@@ -137,17 +156,30 @@ OPTIONS: tuple[Option, ...] = (
            switch=True),
     Option("queue-type", _choice("classic", "quorum"), "classic", "type used when declaring",
            metavar="classic|quorum"),
-    Option("max-workers", _int_at_least(1), os.cpu_count() or 1, "size of the worker pool",
+    Option("min-workers", _int_at_least(1), 1, "workers kept even when idle", metavar="N"),
+    Option("max-workers", _int_at_least(1), os.cpu_count() or 1, "upper bound of the pool",
            metavar="N"),
     Option("max-cache", _int_at_least(1), None,
            f"most unacked messages held, all queues together (default {CACHE_PER_WORKER} "
            "per worker)", metavar="N"),
+    Option("max-idle", _optional_duration, 60.0,
+           "retire a worker idle this long, down to --min-workers (0: never)", metavar="DURATION"),
+    Option("patrol-interval", _positive_duration, 60.0, "how often the patrol runs",
+           metavar="DURATION"),
+    Option("max-worker-memory", _optional_size, None,
+           "recycle a worker above this much unique memory (e.g. 512MB, 1GiB)", metavar="SIZE"),
+    Option("max-messages", _optional_count, None, "recycle a worker after this many messages",
+           metavar="N"),
+    Option("timeout", _optional_duration, None,
+           "kill a handler running longer; the message counts a failed attempt", metavar="DURATION"),
     Option("graceful-timeout", parse_duration, 30.0, "time in-flight handlers get on SIGTERM",
            metavar="DURATION"),
     Option("max-retries", _int_at_least(0), 3, "attempts after the first before dead-lettering",
            metavar="N"),
     Option("heartbeat", parse_duration, 30.0, "AMQP heartbeat asked of the broker (0: off)",
            metavar="DURATION"),
+    Option("consumer-timeout", _positive_duration, 1800.0,
+           "the broker's delivery-ack timeout, mirrored", metavar="DURATION"),
     Option("connect-timeout", _optional_duration, None,
            "give up (exit 3) if the broker cannot be reached this long (default: retry forever)",
            metavar="DURATION"),
@@ -171,11 +203,18 @@ class Settings:
     queue: tuple[str, ...]
     passive: bool
     queue_type: str
+    min_workers: int
     max_workers: int
     max_cache: int
+    max_idle: float | None
+    patrol_interval: float
+    max_worker_memory: int | None
+    max_messages: int | None
+    timeout: float | None
     graceful_timeout: float
     max_retries: int
     heartbeat: float
+    consumer_timeout: float
     connect_timeout: float | None
     name: str
     exit_when_idle: float | None
@@ -273,6 +312,19 @@ def _cross_check(target: str, values: dict[str, Any], origins: dict[str, str]) -
         raise ConfigError(
             f"{option.flag}: must be at least the number of queues ({queue_count}), got "
             f"{values['max_cache']} ({_source_of(option, origins['max_cache'])})"
+        )
+    if values["min_workers"] > values["max_workers"]:
+        option = OPTIONS_BY_NAME["max-workers"]
+        raise ConfigError(
+            f"{option.flag}: must be at least --min-workers ({values['min_workers']}), got "
+            f"{values['max_workers']} ({_source_of(option, origins['max_workers'])})"
+        )
+    if values["timeout"] is not None and values["timeout"] >= values["consumer_timeout"]:
+        option = OPTIONS_BY_NAME["timeout"]
+        raise ConfigError(
+            f"{option.flag}: must be below --consumer-timeout ({values['consumer_timeout']:g}s), "
+            f"or RabbitMQ closes the channel first; got {values['timeout']:g}s "
+            f"({_source_of(option, origins['timeout'])})"
         )
     names = {field.name for field in fields(Settings)}
     return Settings(target=target, **{key: value for key, value in values.items() if key in names})

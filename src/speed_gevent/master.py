@@ -1,16 +1,17 @@
 """`Master`: the gevent master process. It reads as the script of its lifecycle:
-start the fork server, connect, declare, prefork the pool, consume; on a stop signal,
-drain gracefully (or immediately on the second); on a fatal error, stop and exit 1.
+start the fork server, connect, declare, prefork the floor of the pool, consume; on a
+stop signal, drain gracefully (or immediately on the second); on a fatal error, stop
+and exit 1.
 
 Greenlets (one Group, each linked so a crash is fatal, never silent): consumer (the only
-one that touches the AMQP connection), dispatcher (cache → idle workers), fork-reports,
-one reader per worker, control (acts on signal intents), and idle-watch. Worker results
-become acks, retries or dead letters through the pure `policy` module.
+one that touches the AMQP connection), dispatcher (cache → idle workers, scaling up on
+backlog), patrol, fork-reports, one reader per worker, control (acts on signal intents)
+and idle-watch. The pool's shape is the `Supervisor`'s job; what happens to a finished
+attempt is the `Settler`'s, following the pure `policy` module.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -27,27 +28,19 @@ from gevent.pool import Group
 
 from .broker import BrokerSession, ConnectionLost
 from .cache import CacheFull, MessageCache
-from .config import Settings
+from .config import Settings, load_settings
 from .delivery import Delivery
-from .errors import BrokerError, ExitCode, FatalError, WorkerExit
+from .errors import BrokerError, ExitCode, FatalError
 from .forkclient import ForkClient
 from .osproc import set_title
-from .policy import (
-    Action,
-    Decision,
-    Failure,
-    FailureKind,
-    dead_letter_headers,
-    dead_letter_queue,
-    decide,
-    describe_exit,
-    failure_from_result,
-    retry_headers,
-)
+from .patrol import SpawnGuard
+from .policy import Failure, FailureKind, describe_exit, failure_from_result
 from .pool import Pool, PoolEvents
 from .protocol import ResultFrame
+from .settle import Settler
 from .signals import SIGNAL_INTENTS, Intent, StopKind, StopRequests
 from .stats import Counters, summary_line
+from .supervisor import Supervisor
 from .urls import mask_secrets
 from .workerproc import WorkerProc, WorkerState
 
@@ -81,7 +74,7 @@ class Master(PoolEvents):
         self._dispatch_wake = gevent.event.Event()
         self._activity = gevent.event.Event()
         self._immediate = gevent.event.Event()
-        self._intents: gevent.queue.Queue[Intent] = gevent.queue.Queue()
+        self._intents: gevent.queue.Queue[Any] = gevent.queue.Queue()
         self._stops = StopRequests()
         self._done = gevent.event.Event()
         self._exit_code = ExitCode.OK
@@ -89,18 +82,45 @@ class Master(PoolEvents):
         self._last_delivery_at = self._started_at
         self._callbacks: dict[str, list[Callable[..., Any]]] = {name: [] for name in MASTER_EVENTS}
         self._signal_callbacks: dict[int, list[Callable[..., Any]]] = {}
-        self._fork = ForkClient(
-            settings.target, settings.name, settings.log_level, settings.log_format,
-            on_spawned=self._on_spawned, on_exited=self._on_exited, on_lost=self._fatal,
-        )  # fmt: skip
+        self._fork_restarts = SpawnGuard(limit=3, window=60.0)
+        self._fork = self._make_fork_client()
         self._pool = Pool(self._fork, self._group, self)
         self._session = BrokerSession(
             settings.broker, settings.heartbeat, self._on_delivery, settings.connect_timeout
+        )
+        self._settler = Settler(self._session, self.counters, settings.max_retries)
+        self._supervisor = Supervisor(
+            settings, self._pool, self._cache, self._settler, self._wait_until, self._fatal
+        )
+
+    @classmethod
+    def create(cls, target: str, **options: Any) -> Master:
+        """Build a master from Python: `Master.create("app:handle", queue=["q"], max_workers=4)`.
+
+        Options are the CLI's long names with underscores; they are validated the same way.
+        """
+        given = {name.replace("_", "-"): value for name, value in options.items()}
+        if isinstance(given.get("queue"), str):
+            given["queue"] = [given["queue"]]
+        return cls(load_settings(target, given, {}, None))
+
+    def _make_fork_client(self) -> ForkClient:
+        s = self.settings
+        return ForkClient(
+            s.target,
+            s.name,
+            s.log_level,
+            s.log_format,
+            on_spawned=self._on_spawned,
+            on_exited=self._on_exited,
+            on_lost=self._on_fork_lost,
         )
 
     # -- public API -------------------------------------------------------------------------
 
     def on(self, event: str, fn: Callable[..., Any]) -> Master:
+        """Register `fn` for `error(exc, master)`, `worker_exit(pid, reason, master)` or
+        `patrolling(stats, master)`. A callback that raises is logged, never fatal."""
         if event not in self._callbacks:
             raise ValueError(f"unknown master event {event!r}; known: {', '.join(MASTER_EVENTS)}")
         self._callbacks[event].append(fn)
@@ -139,9 +159,9 @@ class Master(PoolEvents):
         if not self._connect():
             return
         self._session.declare(settings.queues, settings.queue_type, settings.passive)
-        for _ in range(settings.max_workers):
-            self._pool.spawn()
+        self._supervisor.start_floor()
         self._spawn("dispatcher", self._dispatch_loop)
+        self._spawn("patrol", self._patrol_loop)
         prefetch = settings.prefetch_per_queue()
         # RUNNING before the first basic_consume: deliveries for the first queue can arrive
         # while the next consume waits for its consume-ok, and they must be kept, not requeued.
@@ -152,11 +172,12 @@ class Master(PoolEvents):
         if settings.exit_when_idle:
             self._spawn("idle-watch", self._idle_watch_loop)
         logger.info(
-            "master %s (pid %s) consuming %s from %s with %d workers, prefetch %s",
+            "master %s (pid %s) consuming %s from %s with %d-%d workers, prefetch %s",
             settings.name,
             os.getpid(),
             ", ".join(settings.queues),
             self._session.masked_url,
+            settings.min_workers,
             settings.max_workers,
             "+".join(str(n) for n in prefetch.values()),
         )
@@ -194,7 +215,7 @@ class Master(PoolEvents):
     def _on_signal(self, signum: int, intent: Intent) -> None:
         self._intents.put(intent)
         for callback in self._signal_callbacks.get(signum, []):
-            self._intents.put(_UserSignal(callback, signum))  # type: ignore[arg-type]
+            self._intents.put(_UserSignal(callback, signum))
 
     def _spawn(self, name: str, fn: Callable[[], None]) -> None:
         greenlet = self._group.spawn(fn)
@@ -226,20 +247,18 @@ class Master(PoolEvents):
             counters.first_delivery_at = delivery.received_at
         self._last_delivery_at = delivery.received_at
         if self.state is not MasterState.RUNNING:
-            self._session.reject(delivery, requeue=True)
-            counters.requeued += 1
+            self._settler.give_back(delivery)
             return
         try:
             self._cache.put(delivery)
         except CacheFull as exc:
             logger.error("%s; giving it back to the broker", exc)
-            self._session.reject(delivery, requeue=True)
-            counters.requeued += 1
+            self._settler.give_back(delivery)
             return
         self._dispatch_wake.set()
 
     def _dispatch_loop(self) -> None:
-        cache, idle, pool = self._cache, self._idle, self._pool
+        cache, idle, pool, supervisor = self._cache, self._idle, self._pool, self._supervisor
         while True:
             self._dispatch_wake.wait()
             self._dispatch_wake.clear()
@@ -249,8 +268,20 @@ class Master(PoolEvents):
                     continue  # retired or gone since it was queued
                 delivery = cache.take()
                 assert delivery is not None
-                if not pool.send_message(proc, delivery):
+                if pool.send_message(proc, delivery):
+                    supervisor.arm_timeout(proc, delivery)
+                else:
                     cache.put_front(delivery)
+            if cache and self.state is MasterState.RUNNING:
+                supervisor.scale_up()
+
+    def _patrol_loop(self) -> None:
+        while self.state in (MasterState.STARTING, MasterState.RUNNING):
+            gevent.sleep(self.settings.patrol_interval)
+            if self.state is not MasterState.RUNNING:
+                return
+            self._supervisor.patrol_once(time.monotonic())
+            self._fire("patrolling", self.stat())
 
     # -- worker side (PoolEvents) --------------------------------------------------------------
 
@@ -262,7 +293,8 @@ class Master(PoolEvents):
 
     def on_worker_ready(self, proc: WorkerProc) -> None:
         self.counters.spawned += 1
-        if self.state in (MasterState.STARTING, MasterState.RUNNING):
+        self._activity.set()
+        if self.state in (MasterState.STARTING, MasterState.RUNNING) and proc.is_idle:
             self._idle.append(proc)
             self._dispatch_wake.set()
         else:
@@ -270,6 +302,7 @@ class Master(PoolEvents):
 
     def on_worker_result(self, proc: WorkerProc, frame: ResultFrame) -> None:
         now = time.monotonic()
+        self._supervisor.disarm_timeout(proc)
         failure = failure_from_result(frame.outcome, frame.error_type, frame.error_message, frame.traceback)
         delivery = proc.complete(frame.id, now, failure is not None)
         counters = self.counters
@@ -278,7 +311,8 @@ class Master(PoolEvents):
         counters.per_worker[proc.worker_id] = counters.per_worker.get(proc.worker_id, 0) + 1
         if failure is not None:
             counters.failed += 1
-        self._settle(delivery, decide(failure, delivery.attempt, self.settings.max_retries))
+        self._settler.settle(delivery, failure)
+        self._supervisor.after_result(proc)
         if proc.state is WorkerState.RETIRING or self.state is MasterState.STOPPING:
             self._pool.stop_worker(proc)
         elif proc.is_idle:
@@ -290,120 +324,83 @@ class Master(PoolEvents):
         logger.info("worker %s (pid %s) asks to exit (%s)", proc.worker_id, proc.pid, reason)
         if proc.state in (WorkerState.STOPPING, WorkerState.DEAD):
             return
-        proc.retire()
+        proc.retire(reason)
         if proc.delivery is None:
             self._pool.stop_worker(proc)
 
     def on_worker_gone(self, proc: WorkerProc, delivery: Delivery | None, status: int | None) -> None:
-        how = describe_exit(status) if status is not None else "lost"
-        level = logging.INFO if proc.state is WorkerState.STOPPING or status == 0 else logging.ERROR
-        level = logging.ERROR if delivery is not None else level
+        how = describe_exit(status) if status is not None else "died with the fork server"
+        if proc.kill_reason:
+            how += f" ({proc.kill_reason})"
+        planned = proc.state is WorkerState.STOPPING and delivery is None and status == 0
         logger.log(
-            level,
-            "worker %s (pid %s) exited: %s%s",
+            logging.INFO if planned else logging.ERROR,
+            "worker %s (pid %s) exited: %s%s%s",
             proc.worker_id,
             proc.pid,
             how,
+            f", retired: {proc.retire_reason}" if proc.retire_reason else "",
             f" while handling delivery {delivery.id}" if delivery else "",
         )
-        self._fire("worker_exit", proc.pid, how)
+        self._fire("worker_exit", proc.pid, proc.retire_reason if planned and proc.retire_reason else how)
         self._activity.set()
         if delivery is not None:
-            self._lost_delivery(delivery, how)
-        if self.state is not MasterState.RUNNING:
+            self._lost_delivery(proc, delivery, how)
+        if self.state is not MasterState.RUNNING or not self._supervisor.worker_gone(proc, how):
             return
-        if status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == WorkerExit.BOOT_FAILED:
-            self._fatal(
-                f"worker {proc.worker_id} could not boot ({how}): its start event raised (see the log above)"
-            )
-            return
-        while len(self._pool) < self.settings.max_workers:
-            self._pool.spawn()
+        self._supervisor.refill()
+        self._dispatch_wake.set()  # a backlog may need a new worker
 
-    def _lost_delivery(self, delivery: Delivery, how: str) -> None:
+    def _lost_delivery(self, proc: WorkerProc, delivery: Delivery, how: str) -> None:
         if self.state is MasterState.STOPPING:
             # Killed by our own stop: not a failed attempt; the message goes straight back.
-            self._session.reject(delivery, requeue=True)
-            self.counters.requeued += 1
+            self._settler.give_back(delivery)
             return
         self.counters.crashes += 1
         self.counters.failed += 1
-        failure = Failure(
-            FailureKind.CRASH, "WorkerDied", f"the worker {how} while handling the message", exit_status=how
-        )
-        self._settle(delivery, decide(failure, delivery.attempt, self.settings.max_retries))
-
-    # -- settling deliveries -------------------------------------------------------------------
-
-    def _settle(self, delivery: Delivery, decision: Decision) -> None:
-        if decision.action is Action.ACK:
-            self._session.ack(delivery)
-            self.counters.acked += 1
-            return
-        failure = decision.failure
-        assert failure is not None
-        properties = dict(delivery.properties)
-        properties.setdefault("delivery_mode", 2)
-        if decision.action is Action.RETRY:
-            target = delivery.queue
-            properties["application_headers"] = retry_headers(delivery.headers, delivery.attempt)
-        else:
-            target = dead_letter_queue(delivery.queue)
-            properties["application_headers"] = dead_letter_headers(
-                delivery.headers,
-                failure,
-                delivery.attempt,
-                delivery.queue,
-                delivery.exchange,
-                delivery.routing_key,
-                dt.datetime.now(dt.UTC),
-            )
-        self._session.publish(
-            target,
-            delivery.body,
-            properties,
-            lambda ok, why: self._on_republished(delivery, decision, target, ok, why),
-        )
-
-    def _on_republished(
-        self, delivery: Delivery, decision: Decision, target: str, ok: bool, why: str
-    ) -> None:
-        failure = decision.failure
-        assert failure is not None
-        if not ok:
-            logger.error(
-                "could not republish delivery %s to %r (%s); the original goes back to %r",
-                delivery.id,
-                target,
-                why,
-                delivery.queue,
-            )
-            self._session.reject(delivery, requeue=True)
-            self.counters.requeued += 1
-            return
-        self._session.ack(delivery)
-        self.counters.acked += 1
-        if decision.action is Action.RETRY:
-            self.counters.retried += 1
-            logger.warning(
-                "delivery %s from %r failed attempt %d (%s: %s); retrying",
-                delivery.id,
-                delivery.queue,
-                delivery.attempt,
-                failure.error_type,
-                failure.message,
+        if proc.kill_reason == "timeout":
+            failure = Failure(
+                FailureKind.TIMEOUT,
+                "HandlerTimeout",
+                f"the handler ran longer than --timeout {self.settings.timeout:g}s",
+                exit_status=how,
             )
         else:
-            self.counters.dead_lettered += 1
-            logger.warning(
-                "delivery %s from %r dead-lettered to %r after attempt %d: %s: %s",
-                delivery.id,
-                delivery.queue,
-                target,
-                delivery.attempt,
-                failure.error_type,
-                failure.message,
+            failure = Failure(
+                FailureKind.CRASH,
+                "WorkerDied",
+                f"the worker {how} while handling the message",
+                exit_status=how,
             )
+        self._settler.settle(delivery, failure)
+
+    def _on_fork_lost(self, reason: str) -> None:
+        if self.state is not MasterState.RUNNING:
+            self._fatal(reason)
+            return
+        now = time.monotonic()
+        self._fork_restarts.failed(now, reason)
+        self._pool.on_server_lost()
+        if self._fork_restarts.tripped(now):
+            self._fatal(
+                f"{reason}; it keeps dying ({self._fork_restarts.limit} times within "
+                f"{self._fork_restarts.window:g}s)"
+            )
+            return
+        logger.error("%s; starting a new one (its workers died with it)", reason)
+        self._spawn("fork-restart", self._restart_fork_server)
+
+    def _restart_fork_server(self) -> None:
+        self._fork = self._make_fork_client()
+        self._pool.use_fork_server(self._fork)
+        try:
+            self._fork.start()
+        except Exception as exc:
+            self._fatal(f"could not restart the fork server: {exc}")
+            return
+        self._spawn("fork-reports", self._fork.report_loop)
+        self._supervisor.refill()
+        self._dispatch_wake.set()
 
     # -- control ------------------------------------------------------------------------------
 
@@ -431,10 +428,16 @@ class Master(PoolEvents):
     def handle_log_stats(self) -> None:
         logger.info("stats %s", json.dumps(self.stat(), default=str))
 
-    def _not_yet(self) -> None:
-        logger.warning("this signal is not supported by this version yet; ignored")
+    def handle_replace_workers(self) -> None:
+        if self.state is MasterState.RUNNING:
+            self._supervisor.replace_all()
 
-    handle_replace_workers = handle_more_workers = handle_fewer_workers = _not_yet
+    def handle_more_workers(self) -> None:
+        self._supervisor.resize(+1)
+        self._dispatch_wake.set()
+
+    def handle_fewer_workers(self) -> None:
+        self._supervisor.resize(-1)
 
     def _idle_watch_loop(self) -> None:
         limit = self.settings.exit_when_idle
@@ -465,20 +468,18 @@ class Master(PoolEvents):
 
     def _graceful_stop(self) -> None:
         self.state = MasterState.DRAINING
-        busy = len(self._busy())
         logger.info(
             "stopping: cancelling consumers, returning %d cached messages, giving %d "
             "in-flight handlers up to %.0fs",
             len(self._cache),
-            busy,
+            len(self._busy()),
             self.settings.graceful_timeout,
         )
         cancelled = gevent.event.Event()
         self._session.cancel(cancelled.set)
         gevent.wait([cancelled, self._immediate], count=1, timeout=WORKER_STOP_TIMEOUT)
         for delivery in self._cache.drain():
-            self._session.reject(delivery, requeue=True)
-            self.counters.requeued += 1
+            self._settler.give_back(delivery)
         self._wait_until(lambda: not self._busy(), time.monotonic() + self.settings.graceful_timeout)
         how = "immediate" if self._immediate.is_set() else "graceful"
         self._stop_workers()
@@ -523,6 +524,7 @@ class Master(PoolEvents):
                 logger.exception("master event %r callback %r raised", event, callback)
 
     def stat(self) -> dict[str, Any]:
+        """A snapshot for USR1, the `patrolling` event and monitoring (no secrets in it)."""
         now = time.monotonic()
         return {
             "pid": os.getpid(),
@@ -533,19 +535,27 @@ class Master(PoolEvents):
             "connected": self._session.connected,
             "queues": list(self.settings.queues),
             "cache": {"size": len(self._cache), "capacity": self._cache.capacity},
-            "workers": [
-                {
-                    "id": p.worker_id,
-                    "pid": p.pid,
-                    "state": p.state.value,
-                    "handled": p.handled,
-                    "failed": p.failed,
-                    "busy_for": round(now - p.busy_since, 3) if p.busy_since is not None else None,
-                }
-                for p in self._pool.live()
-            ],
-            "totals": {k: v for k, v in self.counters.as_dict().items() if k != "per_worker"},
+            "pool": self._supervisor.snapshot(),
+            "workers": [_worker_stat(proc, now) for proc in self._pool.live()],
+            "totals": {
+                k: v
+                for k, v in self.counters.as_dict().items()
+                if k not in ("per_worker", "first_delivery_at", "last_result_at")
+            },
         }
+
+
+def _worker_stat(proc: WorkerProc, now: float) -> dict[str, Any]:
+    return {
+        "id": proc.worker_id,
+        "pid": proc.pid,
+        "state": proc.state.value,
+        "handled": proc.handled,
+        "failed": proc.failed,
+        "memory_bytes": proc.memory_bytes,
+        "message_age": round(now - proc.busy_since, 3) if proc.busy_since is not None else None,
+        "idle_seconds": round(now - proc.last_busy_at, 3) if proc.delivery is None else 0.0,
+    }
 
 
 class _UserSignal:

@@ -29,6 +29,7 @@ class FailureKind(Enum):
     REJECT = "reject"  #: the handler raised Reject
     RETRY = "retry"  #: the handler raised Retry
     CRASH = "crash"  #: the worker died mid-message
+    TIMEOUT = "timeout"  #: the handler ran past --timeout and its worker was killed
 
 
 @dataclass(frozen=True)

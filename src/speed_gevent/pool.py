@@ -69,6 +69,13 @@ class Pool:
     def live(self) -> list[WorkerProc]:
         return list(self.procs.values())
 
+    def active(self) -> list[WorkerProc]:
+        """Workers that count toward the pool's size (not retiring or stopping)."""
+        return [proc for proc in self.procs.values() if proc.is_active]
+
+    def use_fork_server(self, fork: ForkClient) -> None:
+        self._fork = fork
+
     def spawn(self) -> WorkerProc:
         self._next_id += 1
         conn = self._fork.spawn(self._next_id)
@@ -93,10 +100,33 @@ class Pool:
         if proc is None:
             return
         proc.exit_status = status
+        self._exited(proc)
+
+    def _exited(self, proc: WorkerProc) -> None:
+        proc.exited = True
         if proc.eof:
             self._finish(proc)
         else:
             gevent.spawn_later(EOF_GRACE, self._finish, proc)
+
+    def on_server_lost(self) -> None:
+        """The fork server died: its workers die with it and nobody will report their exits."""
+        for proc in self.live():
+            self.kill(proc)
+            self._by_pid.pop(proc.pid or -1, None)
+            self._exited(proc)
+
+    def reap_missing(self) -> None:
+        """Patrol backstop: finish workers whose process is gone without an exit report."""
+        for proc in self.live():
+            if proc.pid is None or proc.exited:
+                continue
+            try:
+                os.kill(proc.pid, 0)
+            except ProcessLookupError:
+                logger.warning("worker %s (pid %s) vanished without an exit report", proc.worker_id, proc.pid)
+                self._by_pid.pop(proc.pid, None)
+                self._exited(proc)
 
     # -- talking to workers -------------------------------------------------------------------
 
@@ -165,7 +195,7 @@ class Pool:
                 self.kill(proc)
                 break
         proc.eof = True
-        if proc.exit_status is not None:
+        if proc.exited:
             self._finish(proc)
 
     def _on_frame(self, proc: WorkerProc, frame: Any) -> None:

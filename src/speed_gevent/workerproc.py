@@ -42,6 +42,12 @@ class WorkerProc:
         self.failed = 0
         self.exit_status: int | None = None
         self.eof = False
+        self.exited = False  #: its exit was reported (or its process is known to be gone)
+        self.booted = False  #: reported ready at least once (else its death is a boot failure)
+        self.retire_reason: str | None = None
+        self.kill_reason: str | None = None  #: why the master killed it, if it did
+        self.timer: Any = None  #: the in-flight delivery's timeout timer, if armed
+        self.memory_bytes: int | None = None  #: last patrol sample
 
     def __repr__(self) -> str:
         return f"<worker {self.worker_id} pid={self.pid} {self.state.value}>"
@@ -61,6 +67,7 @@ class WorkerProc:
     def ready(self) -> None:
         self._require(WorkerState.BOOTING)
         self.state = WorkerState.IDLE
+        self.booted = True
 
     def assign(self, delivery: Delivery, now: float) -> None:
         self._require(WorkerState.IDLE)
@@ -90,10 +97,16 @@ class WorkerProc:
             self.state = WorkerState.IDLE
         return delivery
 
-    def retire(self) -> None:
+    @property
+    def is_active(self) -> bool:
+        """Counts toward the pool's size: alive and not on its way out."""
+        return self.state in (WorkerState.BOOTING, WorkerState.IDLE, WorkerState.BUSY)
+
+    def retire(self, reason: str = "") -> None:
         """No more dispatch; the master stops it once it holds nothing."""
         self._require(WorkerState.BOOTING, WorkerState.IDLE, WorkerState.BUSY, WorkerState.RETIRING)
         self.state = WorkerState.RETIRING
+        self.retire_reason = self.retire_reason or reason
 
     def stopping(self) -> None:
         if self.delivery is not None:

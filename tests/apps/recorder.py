@@ -1,7 +1,9 @@
 """Test handlers: record every message id they see to the file named by SG_RECORD.
 
 Bodies are JSON objects with an "id" and optional instructions: "fail" (raise),
-"exit" (os._exit mid-message), "sleep" (seconds), "reject".
+"exit" (os._exit mid-message), "hang" (sleep for an hour), "sleep" (seconds), "reject",
+"leak" (keep 5 MB per message). Messages that exit or hang first write a "start" record,
+so a test can count deliveries that never finish.
 One line per handled message, written with O_APPEND so workers never interleave.
 """
 
@@ -16,6 +18,7 @@ import time
 from speed_gevent import Reject
 
 _RECORD = os.environ.get("SG_RECORD", "/dev/null")
+_LEAKED: list[bytes] = []
 
 
 def _write(entry: dict) -> None:
@@ -29,10 +32,16 @@ def _write(entry: dict) -> None:
 def handle(message) -> None:
     data = message.json()
     started = time.time()
+    if data.get("exit") or data.get("hang"):
+        _write({"id": data["id"], "pid": os.getpid(), "event": "start", "attempt": message.attempt})
     if data.get("sleep"):
         time.sleep(data["sleep"])
+    if data.get("hang"):
+        time.sleep(3600)
     if data.get("exit"):
         os._exit(9)
+    if data.get("leak"):
+        _LEAKED.append(b"x" * (5 * 2**20))  # written, so the pages count as unique memory
     if data.get("reject"):
         raise Reject("asked to reject")
     if data.get("fail"):

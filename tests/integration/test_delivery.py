@@ -130,7 +130,15 @@ def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_cli, queue_names,
     publish_ids(queue, ids, extra={i: {"sleep": 0.005} for i in ids})
     record = tmp_path / "rec"
     runner = run_cli(
-        "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "3", env={"SG_RECORD": str(record)}
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--min-workers",
+        "3",
+        "--max-workers",
+        "3",
+        env={"SG_RECORD": str(record)},
     )
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
     children = _session_processes(runner.pid)
@@ -145,6 +153,8 @@ def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_cli, queue_names,
         "tests.apps.recorder:handle",
         "-q",
         queue,
+        "--min-workers",
+        "3",
         "--max-workers",
         "3",
         "--exit-when-idle",
@@ -270,13 +280,17 @@ def test_process_titles_and_no_password(run_cli, queue_names):
         "tests.apps.recorder:handle",
         "-q",
         queue,
+        "--min-workers",
+        "2",
         "--max-workers",
         "2",
         "--name",
         "titled",
         env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@localhost:5672//"},
     )
-    titles = wait_until(lambda: (t := _titles(runner.pid)).count("worker") == 2 and t, 30, message="titles")
+    titles = wait_until(
+        lambda: (t := _titles(runner.pid)).count("speed-gevent: worker") == 2 and t, 30, message="titles"
+    )
     assert f"speed-gevent: master titled [{queue}]" in titles
     assert "speed-gevent: worker 1 idle" in titles and "speed-gevent: worker 2 idle" in titles
     assert "guest:guest" not in titles
@@ -296,6 +310,8 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queu
         "tests.apps.recorder:inspect",
         "-q",
         queue,
+        "--min-workers",
+        "2",
         "--max-workers",
         "2",
         env={"SG_RECORD": str(record)},
@@ -306,7 +322,9 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queu
     assert seen["socket_module"] == "socket", "the handler saw a gevent-patched socket"
     assert seen["real_thread"] is True
     workers = [
-        pid for pid in _session_processes(runner.pid) if "worker" in Path(f"/proc/{pid}/cmdline").read_text()
+        pid
+        for pid in _session_processes(runner.pid)
+        if "speed-gevent: worker" in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     assert len(workers) == 2
     for pid in workers:
@@ -417,10 +435,14 @@ def test_quorum_queue_with_per_consumer_prefetch(run_cli, queue_names, tmp_path)
 
 def test_a_dead_worker_is_replaced(run_cli, queue_names, tmp_path):
     queue = queue_names()
-    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2")
+    runner = run_cli(
+        "run", "tests.apps.recorder:handle", "-q", queue, "--min-workers", "2", "--max-workers", "2"
+    )
     wait_until(lambda: _titles(runner.pid).count("idle") == 2, 30, message="two idle workers")
     workers = [
-        pid for pid in _session_processes(runner.pid) if "worker" in Path(f"/proc/{pid}/cmdline").read_text()
+        pid
+        for pid in _session_processes(runner.pid)
+        if "speed-gevent: worker" in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: not alive(workers[0]), 5, message="the worker to die")
