@@ -72,6 +72,8 @@ class BrokerSession:
         self._confirms: dict[int, tuple[Confirm, str]] = {}
         self._returned: dict[int, str] = {}
         self._closing = False
+        self._aborting = False
+        self._running = False
         self._close_deadline = 0.0
         self.closed = gevent.event.Event()
         self.connected = False
@@ -168,8 +170,9 @@ class BrokerSession:
         amqp_conn = self._conn.connection
         io = gevent.get_hub().loop.io(amqp_conn.sock.fileno(), 1)
         next_heartbeat = time.monotonic() + HEARTBEAT_TICK
+        self._running = True
         try:
-            while True:
+            while not self._aborting:
                 self._wake.clear()
                 self._drain(amqp_conn)
                 self._run_outbox()
@@ -195,8 +198,12 @@ class BrokerSession:
                 raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
             raise
         finally:
+            self._running = False
             io.close()
-        self._shutdown()
+        if self._aborting:
+            self._collect()
+        else:
+            self._shutdown()
 
     def _drain(self, amqp_conn: Any) -> None:
         for _ in range(DRAIN_BATCH):
@@ -226,13 +233,24 @@ class BrokerSession:
         self.closed.set()
 
     def abort(self) -> None:
-        """Drop the connection at once without acking anything (immediate stop, fatal error)."""
+        """Drop the connection at once without acking anything (immediate stop, fatal error).
+
+        If the consumer greenlet runs, it drops the connection itself: closing the socket
+        under its live I/O watcher would trip libev.
+        """
         self.connected = False
+        self._aborting = True
+        if self._running:
+            self._wake.set()
+        else:
+            self._collect()
+
+    def _collect(self) -> None:
         if self._conn is not None:
             try:
-                self._conn.connection.collect()
-            except Exception:
-                pass
+                self._conn.collect()
+            except Exception as exc:
+                logger.debug("dropping the connection: %s", exc)
         self.closed.set()
 
     def _run_outbox(self) -> None:

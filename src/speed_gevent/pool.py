@@ -76,9 +76,15 @@ class Pool:
     def use_fork_server(self, fork: ForkClient) -> None:
         self._fork = fork
 
-    def spawn(self) -> WorkerProc:
+    def spawn(self) -> WorkerProc | None:
+        """Ask the fork server for a worker; None if the fork server is gone (it is restarted
+        by the master, which then refills the pool)."""
         self._next_id += 1
-        conn = self._fork.spawn(self._next_id)
+        try:
+            conn = self._fork.spawn(self._next_id)
+        except OSError as exc:
+            logger.warning("cannot spawn worker %s: the fork server is gone (%s)", self._next_id, exc)
+            return None
         proc = WorkerProc(self._next_id, conn, time.monotonic())
         self.procs[proc.worker_id] = proc
         self.spawned += 1

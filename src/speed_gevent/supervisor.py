@@ -224,7 +224,9 @@ class Supervisor:
                 continue
             new = self._pool.spawn()
             deadline = time.monotonic() + REPLACE_BOOT_TIMEOUT
-            if not self._wait_until(lambda n=new: n.booted or not n.is_alive, deadline) or not new.booted:
+            if new is not None:
+                self._wait_until(lambda n=new: n.booted or not n.is_alive, deadline)
+            if new is None or not new.booted:
                 logger.error("rolling restart stopped: a replacement worker did not boot")
                 return
             self.retire(old, RetireReason.REPLACED)
