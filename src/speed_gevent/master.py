@@ -97,12 +97,14 @@ class Master(PoolEvents):
     def create(cls, target: str, **options: Any) -> Master:
         """Build a master from Python: `Master.create("app:handle", queue=["q"], max_workers=4)`.
 
-        Options are the CLI's long names with underscores; they are validated the same way.
+        Options are the CLI's long names with underscores, validated the same way; they
+        take precedence over SPEED_GEVENT_* variables and the --config file, as on the CLI.
+        The caller must have monkey-patched with gevent before importing this module.
         """
         given = {name.replace("_", "-"): value for name, value in options.items()}
         if isinstance(given.get("queue"), str):
             given["queue"] = [given["queue"]]
-        return cls(load_settings(target, given, {}, None))
+        return cls(load_settings(target, given, os.environ, os.environ.get("SPEED_GEVENT_CONFIG")))
 
     def _make_fork_client(self) -> ForkClient:
         s = self.settings
@@ -332,7 +334,7 @@ class Master(PoolEvents):
         how = describe_exit(status) if status is not None else "died with the fork server"
         if proc.kill_reason:
             how += f" ({proc.kill_reason})"
-        planned = proc.state is WorkerState.STOPPING and delivery is None and status == 0
+        planned = proc.stop_sent and delivery is None and status == 0
         logger.log(
             logging.INFO if planned else logging.ERROR,
             "worker %s (pid %s) exited: %s%s%s",

@@ -89,6 +89,7 @@ class Worker:
     def _between_frames(self) -> None:
         if self._exit_reason and not self._exit_requested:
             self._exit_requested = True
+            self.title("retiring")
             self._sock.sendall(encode(ExitRequestFrame(self._exit_reason)))
 
     def _handle_frame(self, frame: object) -> None:
@@ -96,6 +97,7 @@ class Worker:
             self._sock.sendall(encode(self._run(frame)))
         elif isinstance(frame, StopFrame):
             self._stopping = True
+            self.title("stopping")
         else:
             raise ProtocolError(f"unexpected frame {type(frame).__name__} from the master")
 
@@ -122,7 +124,7 @@ class Worker:
                 traceback.format_exc(limit=8)[-TRACEBACK_LIMIT:],
             )
         self.handled += 1
-        self.title("idle")
+        self.title("retiring" if self._exit_requested else "idle")
         return result
 
 

@@ -43,6 +43,7 @@ class WorkerProc:
         self.exit_status: int | None = None
         self.eof = False
         self.exited = False  #: its exit was reported (or its process is known to be gone)
+        self.stop_sent = False  #: the master asked it to stop (a clean exit is then expected)
         self.booted = False  #: reported ready at least once (else its death is a boot failure)
         self.retire_reason: str | None = None
         self.kill_reason: str | None = None  #: why the master killed it, if it did
@@ -112,6 +113,7 @@ class WorkerProc:
         if self.delivery is not None:
             raise StateError(f"{self!r}: cannot stop while holding {self.delivery!r}")
         self.state = WorkerState.STOPPING
+        self.stop_sent = True
 
     def dead(self) -> Delivery | None:
         """Mark gone; returns the delivery it held, if any (its attempt failed)."""

@@ -94,6 +94,8 @@ def test_the_php_bug_bursts_and_pauses_lose_nothing(run_cli, queue_names, tmp_pa
     assert max(seen.values()) == 1, "a message was handled twice"
     assert ready_count(queue) == 0 and ready_count(queue + ".dead") == 0
     assert grew == 20 and shrank == 20, (grew, shrank)
+    errors = [line for line in runner.output().splitlines() if " ERROR " in line]
+    assert not errors, f"planned retirements logged as errors: {errors[:3]}"
     spawned = len(set(re.findall(r"worker (\d+) \(pid \d+\) retiring", runner.output())))
     print(
         f"\nbursts: 20 cycles, {len(published)} published, {len(seen)} handled once, 0 dead-lettered, "
