@@ -2,8 +2,9 @@
 
 Bodies are JSON objects with an "id" and optional instructions: "fail" (raise),
 "exit" (os._exit mid-message), "hang" (sleep for an hour), "sleep" (seconds), "reject",
-"leak" (keep 5 MB per message). Messages that exit or hang first write a "start" record,
-so a test can count deliveries that never finish.
+"leak" (keep 5 MB per message), "retry" (raise Retry on the first attempt). Messages
+that exit or hang first write a "start" record, so a test can count deliveries that
+never finish.
 One line per handled message, written with O_APPEND so workers never interleave.
 """
 
@@ -15,7 +16,7 @@ import socket
 import threading
 import time
 
-from speed_gevent import Reject
+from speed_gevent import Reject, Retry
 
 _RECORD = os.environ.get("SG_RECORD", "/dev/null")
 _LEAKED: list[bytes] = []
@@ -42,6 +43,8 @@ def handle(message) -> None:
         os._exit(9)
     if data.get("leak"):
         _LEAKED.append(b"x" * (5 * 2**20))  # written, so the pages count as unique memory
+    if data.get("retry") and message.attempt == 1:
+        raise Retry()
     if data.get("reject"):
         raise Reject("asked to reject")
     if data.get("fail"):

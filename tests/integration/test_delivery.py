@@ -19,6 +19,7 @@ from tests.helpers import (
     get_all,
     handled_ids,
     publish_ids,
+    read_records,
     ready_count,
     unacked_counts,
 )
@@ -452,3 +453,26 @@ def test_a_dead_worker_is_replaced(run_cli, queue_names, tmp_path):
     os.kill(runner.pid, signal.SIGTERM)
     assert runner.wait(15) == 0
     assert not record.exists()
+
+
+def test_handler_retry_asks_for_another_attempt(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, [1, 2], extra={1: {"retry": True}})
+    record = tmp_path / "rec"
+    runner = run_cli(
+        "run",
+        "tests.apps.recorder:handle",
+        "-q",
+        queue,
+        "--max-workers",
+        "1",
+        "--exit-when-idle",
+        "2s",
+        env={"SG_RECORD": str(record)},
+    )
+    assert runner.wait(60) == 0
+    records = {r["id"]: r for r in read_records(record)}
+    assert handled_ids(record) == {1: 1, 2: 1}
+    assert records[1]["attempt"] == 2 and records[2]["attempt"] == 1
+    assert "retried 1, dead-lettered 0" in runner.output()
+    assert ready_count(queue + ".dead") == 0
