@@ -130,3 +130,25 @@ def run_cli(tmp_path: Path) -> Iterator[Callable[..., Runner]]:
     yield start
     for runner in runners:
         runner.close()
+
+
+@pytest.fixture
+def run_recorder(run_cli: Callable[..., Runner], tmp_path: Path) -> Callable[..., Runner]:
+    """Run `speed-gevent run tests.apps.recorder:<handler>` on `queues`; the handler appends
+    what it handled to `record` (a fresh file by default)."""
+
+    def start(
+        queues: str | list[str],
+        *options: str,
+        handler: str = "handle",
+        record: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Runner:
+        names = [queues] if isinstance(queues, str) else queues
+        args = ["run", f"tests.apps.recorder:{handler}"]
+        for name in names:
+            args += ["-q", name]
+        record = record or tmp_path / f"record-{uuid.uuid4().hex[:6]}"
+        return run_cli(*args, *options, env={"SG_RECORD": str(record), **(env or {})})
+
+    return start

@@ -134,3 +134,33 @@ def close_broker_connection(pid: str) -> None:
         timeout=30,
         check=True,
     )
+
+
+def session_processes(leader: int) -> list[int]:
+    """Pids in the session led by `leader` (a runner's master), the master left out."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(process.pid) == leader and process.pid != leader:
+                found.append(process.pid)
+        except OSError:
+            continue
+    return found
+
+
+def process_titles(leader: int) -> dict[int, str]:
+    """pid -> process title for the master `leader` and every process of its session."""
+    titles = {}
+    for pid in [leader, *session_processes(leader)]:
+        try:
+            titles[pid] = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+        except OSError:
+            continue
+    return titles
+
+
+def worker_titles(leader: int) -> dict[int, str]:
+    """pid -> process title of the workers of the instance led by `leader`."""
+    return {pid: t for pid, t in process_titles(leader).items() if t.startswith("speed-gevent: worker")}

@@ -35,6 +35,10 @@ PACKET_SIZE = 65536
 BOOT_TIMEOUT = 120.0
 
 
+class ForkServerGone(OSError):
+    """The fork server is not (or no longer) there to fork a worker."""
+
+
 class ForkClient:
     def __init__(
         self,
@@ -65,6 +69,7 @@ class ForkClient:
         self._ctrl: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._closing = False
+        self._ready = False
         self.pid: int | None = None
 
     def start(self) -> None:
@@ -81,6 +86,7 @@ class ForkClient:
             raise TargetError(first.message)
         if not isinstance(first, ServerReadyFrame):
             raise FatalError(f"fork server sent {type(first).__name__} before ready")
+        self._ready = True
 
     def _first_frame(self) -> Frame:
         assert self._ctrl is not None and self._proc is not None
@@ -93,7 +99,8 @@ class ForkClient:
 
     def spawn(self, worker_id: int) -> socket.socket:
         """Ask for worker `worker_id`; returns the master's end of its socketpair."""
-        assert self._ctrl is not None
+        if self._ctrl is None or not self._ready or self._closing:
+            raise ForkServerGone("the fork server is not ready")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             socket.send_fds(self._ctrl, [encode(SpawnFrame(worker_id))], [theirs.fileno()])
@@ -120,6 +127,7 @@ class ForkClient:
                 self._on_spawned(frame.worker_id, frame.pid)
             elif isinstance(frame, ExitedFrame):
                 self._on_exited(frame.pid, frame.status)
+        self._ready = False
         if not self._closing:
             code = self._proc.wait() if self._proc else None
             self._on_lost(f"fork server exited (exit code {code})")

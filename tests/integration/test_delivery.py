@@ -8,7 +8,6 @@ import signal
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import wait_until
@@ -18,9 +17,11 @@ from tests.helpers import (
     close_broker_connection,
     get_all,
     handled_ids,
+    process_titles,
     publish_ids,
     read_records,
     ready_count,
+    session_processes,
     unacked_counts,
 )
 
@@ -55,23 +56,13 @@ def test_10000_messages_over_3_queues_4_workers(run_cli, queue_names, tmp_path):
     print(f"\n10,000 messages, 3 queues, 4 workers: {rate_from(output)}")
 
 
-def test_unacked_never_exceeds_max_cache(run_cli, queue_names, tmp_path):
+def test_unacked_never_exceeds_max_cache(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 401))
     publish_ids(queue, ids, extra={i: {"sleep": 0.05} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "4",
-        "--max-cache",
-        "20",
-        "--exit-when-idle",
-        "1s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--max-workers", "4", "--max-cache", "20", "--exit-when-idle", "1s", record=record
     )
     samples = []
     wait_until(lambda: handled_ids(record), 30, message="first handled message")
@@ -84,22 +75,12 @@ def test_unacked_never_exceeds_max_cache(run_cli, queue_names, tmp_path):
     assert set(handled_ids(record)) == set(ids)
 
 
-def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_cli, queue_names, tmp_path):
+def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 2001))
     publish_ids(queue, ids, extra={i: {"sleep": 0.01} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "2",
-        "--graceful-timeout",
-        "10s",
-        env={"SG_RECORD": str(record)},
-    )
+    runner = run_recorder(queue, "--max-workers", "2", "--graceful-timeout", "10s", record=record)
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
     stopped_at = time.monotonic()
     os.kill(runner.pid, signal.SIGTERM)
@@ -114,60 +95,29 @@ def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_cli, queue_na
     assert "stopped (graceful)" in runner.output()
 
 
-def _session_processes(leader: int) -> list[int]:
-    return [p.pid for p in psutil.process_iter(["pid"]) if _sid(p.pid) == leader and p.pid != leader]
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
-
-
-def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_cli, queue_names, tmp_path):
+def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 1001))
     publish_ids(queue, ids, extra={i: {"sleep": 0.005} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--min-workers",
-        "3",
-        "--max-workers",
-        "3",
-        env={"SG_RECORD": str(record)},
-    )
+    runner = run_recorder(queue, "--min-workers", "3", "--max-workers", "3", record=record)
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
-    children = _session_processes(runner.pid)
+    children = session_processes(runner.pid)
     assert len(children) == 4, children  # the fork server and three workers
     os.kill(runner.pid, signal.SIGKILL)
     runner.proc.wait()
     killed_at = time.monotonic()
     wait_until(lambda: not any(alive(pid) for pid in children), 2.0, message="workers to die")
     assert time.monotonic() - killed_at <= 2.0
-    rerun = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--min-workers",
-        "3",
-        "--max-workers",
-        "3",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
+    rerun = run_recorder(
+        queue, "--min-workers", "3", "--max-workers", "3", "--exit-when-idle", "2s", record=record
     )
     assert rerun.wait(60) == 0
     assert set(handled_ids(record)) == set(ids), "a message was lost"
     assert ready_count(queue) == 0
 
 
-def test_failures_are_dead_lettered_with_their_story(run_cli, queue_names, tmp_path):
+def test_failures_are_dead_lettered_with_their_story(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 201))
     raising = {i for i in ids if i % 10 == 0}
@@ -178,18 +128,8 @@ def test_failures_are_dead_lettered_with_their_story(run_cli, queue_names, tmp_p
     extra.update({i: {"reject": True} for i in rejected})
     publish_ids(queue, ids, extra=extra)
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "3",
-        "--max-retries",
-        "0",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--max-workers", "3", "--max-retries", "0", "--exit-when-idle", "2s", record=record
     )
     assert runner.wait(60) == 0, runner.output()[-3000:]
     dead = {}
@@ -211,22 +151,12 @@ def test_failures_are_dead_lettered_with_their_story(run_cli, queue_names, tmp_p
     assert ready_count(queue) == 0
 
 
-def test_retries_then_dead_letter(run_cli, queue_names, tmp_path):
+def test_retries_then_dead_letter(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     publish_ids(queue, [1, 2], extra={1: {"fail": True}})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "1",
-        "--max-retries",
-        "2",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--max-workers", "1", "--max-retries", "2", "--exit-when-idle", "2s", record=record
     )
     assert runner.wait(60) == 0
     dead = get_all(queue + ".dead")
@@ -239,7 +169,7 @@ def test_second_signal_stops_at_once_and_returns_the_message(run_cli, queue_name
     queue = queue_names()
     publish_ids(queue, [1], extra={1: {"sleep": 60}})
     runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1")
-    wait_until(lambda: "busy" in _titles(runner.pid), 30, message="the worker to be busy")
+    wait_until(lambda: "busy" in titles(runner.pid), 30, message="the worker to be busy")
     os.kill(runner.pid, signal.SIGTERM)
     wait_until(lambda: "stopping: cancelling consumers" in runner.output(), 10, message="graceful stop")
     started = time.monotonic()
@@ -256,7 +186,7 @@ def test_graceful_timeout_kills_the_handler_without_counting_a_failure(run_cli, 
     runner = run_cli(
         "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "1", "--graceful-timeout", "1s"
     )
-    wait_until(lambda: "busy" in _titles(runner.pid), 30, message="the worker to be busy")
+    wait_until(lambda: "busy" in titles(runner.pid), 30, message="the worker to be busy")
     os.kill(runner.pid, signal.SIGTERM)
     assert runner.wait(15) == 0
     assert ready_count(queue) == 1 and ready_count(queue + ".dead") == 0
@@ -264,22 +194,13 @@ def test_graceful_timeout_kills_the_handler_without_counting_a_failure(run_cli, 
     assert "x-speed-attempt" not in (back[0].properties.get("application_headers") or {})
 
 
-def _titles(leader: int) -> str:
-    titles = []
-    for pid in [leader, *_session_processes(leader)]:
-        try:
-            titles.append(Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " "))
-        except OSError:
-            pass
-    return "\n".join(titles)
+def titles(leader: int) -> str:
+    return "\n".join(process_titles(leader).values())
 
 
-def test_process_titles_and_no_password(run_cli, queue_names):
+def test_process_titles_and_no_password(run_recorder, queue_names):
     queue = queue_names()
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
+    runner = run_recorder(
         queue,
         "--min-workers",
         "2",
@@ -289,12 +210,12 @@ def test_process_titles_and_no_password(run_cli, queue_names):
         "titled",
         env={"SPEED_GEVENT_BROKER": "amqp://guest:guest@localhost:5672//"},
     )
-    titles = wait_until(
-        lambda: (t := _titles(runner.pid)).count("speed-gevent: worker") == 2 and t, 30, message="titles"
+    seen = wait_until(
+        lambda: (t := titles(runner.pid)).count("speed-gevent: worker") == 2 and t, 30, message="titles"
     )
-    assert f"speed-gevent: master titled [{queue}]" in titles
-    assert "speed-gevent: worker 1 idle" in titles and "speed-gevent: worker 2 idle" in titles
-    assert "guest:guest" not in titles
+    assert f"speed-gevent: master titled [{queue}]" in seen
+    assert "speed-gevent: worker 1 idle" in seen and "speed-gevent: worker 2 idle" in seen
+    assert "guest:guest" not in seen
     os.kill(runner.pid, signal.SIGUSR1)
     wait_until(lambda: "stats {" in runner.output(), 10, message="USR1 stats")
     os.kill(runner.pid, signal.SIGTERM)
@@ -302,21 +223,11 @@ def test_process_titles_and_no_password(run_cli, queue_names):
     assert "guest:guest" not in runner.output()
 
 
-def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queue_names, tmp_path):
+def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     publish_ids(queue, [1], extra={})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:inspect",
-        "-q",
-        queue,
-        "--min-workers",
-        "2",
-        "--max-workers",
-        "2",
-        env={"SG_RECORD": str(record)},
-    )
+    runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", handler="inspect", record=record)
     from tests.helpers import read_records
 
     seen = wait_until(lambda: read_records(record), 30, message="the inspect handler")[0]
@@ -324,7 +235,7 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queu
     assert seen["real_thread"] is True
     workers = [
         pid
-        for pid in _session_processes(runner.pid)
+        for pid in session_processes(runner.pid)
         if "speed-gevent: worker" in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     assert len(workers) == 2
@@ -336,7 +247,7 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_cli, queu
     assert runner.wait(15) == 0
 
 
-def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, tmp_path):
+def test_lost_connection_exits_1_and_the_broker_requeues(run_recorder, run_cli, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 301))
     publish_ids(queue, ids, extra={i: {"sleep": 0.02} for i in ids})
@@ -349,17 +260,7 @@ def test_lost_connection_exits_1_and_the_broker_requeues(run_cli, queue_names, t
     close_broker_connection(connection[0])
     assert runner.wait(20) == 1
     assert "lost the connection" in runner.output()
-    rerun = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "2",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
-    )
+    rerun = run_recorder(queue, "--max-workers", "2", "--exit-when-idle", "2s", record=record)
     assert rerun.wait(60) == 0
     assert set(handled_ids(record)) == set(ids)
 
@@ -375,44 +276,29 @@ def test_heartbeats_are_asked_for(run_cli, queue_names):
     assert runner.wait(15) == 0
 
 
-def test_consumer_wakes_on_acks_not_on_a_timer(run_cli, queue_names, tmp_path):
+def test_consumer_wakes_on_acks_not_on_a_timer(run_recorder, queue_names, tmp_path):
     """With a 2-message window nothing new arrives until acks leave; a drain that slept on a
     fixed 1 s timeout would need 1,000 s for 2,000 messages. Event-driven, it takes seconds."""
     queue = queue_names()
     ids = list(range(1, 2001))
     publish_ids(queue, ids)
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "2",
-        "--max-cache",
-        "2",
-        "--exit-when-idle",
-        "1s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--max-workers", "2", "--max-cache", "2", "--exit-when-idle", "1s", record=record
     )
     assert runner.wait(60) == 0
     assert set(handled_ids(record)) == set(ids)
 
 
-def test_quorum_queue_with_per_consumer_prefetch(run_cli, queue_names, tmp_path):
+def test_quorum_queue_with_per_consumer_prefetch(run_recorder, queue_names, tmp_path):
     """Quorum queues refuse global QoS: consuming two of them must work, within the cache bound."""
     queues = [queue_names("qa"), queue_names("qb")]
     ids = list(range(1, 301))
     for index, queue in enumerate(queues):
         publish_ids(queue, ids[index::2], extra={i: {"sleep": 0.02} for i in ids}, queue_type="quorum")
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queues[0],
-        "-q",
-        queues[1],
+    runner = run_recorder(
+        queues,
         "--queue-type",
         "quorum",
         "--max-workers",
@@ -421,7 +307,7 @@ def test_quorum_queue_with_per_consumer_prefetch(run_cli, queue_names, tmp_path)
         "6",
         "--exit-when-idle",
         "1s",
-        env={"SG_RECORD": str(record)},
+        record=record,
     )
     wait_until(lambda: handled_ids(record), 30, message="first handled message")
     samples = []
@@ -439,37 +325,27 @@ def test_a_dead_worker_is_replaced(run_cli, queue_names, tmp_path):
     runner = run_cli(
         "run", "tests.apps.recorder:handle", "-q", queue, "--min-workers", "2", "--max-workers", "2"
     )
-    wait_until(lambda: _titles(runner.pid).count("idle") == 2, 30, message="two idle workers")
+    wait_until(lambda: titles(runner.pid).count("idle") == 2, 30, message="two idle workers")
     workers = [
         pid
-        for pid in _session_processes(runner.pid)
+        for pid in session_processes(runner.pid)
         if "speed-gevent: worker" in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     os.kill(workers[0], signal.SIGKILL)
     wait_until(lambda: not alive(workers[0]), 5, message="the worker to die")
-    wait_until(lambda: "worker 3 idle" in _titles(runner.pid), 10, message="a replacement worker")
+    wait_until(lambda: "worker 3 idle" in titles(runner.pid), 10, message="a replacement worker")
     record = tmp_path / "rec"
-    assert _titles(runner.pid).count("idle") == 2
+    assert titles(runner.pid).count("idle") == 2
     os.kill(runner.pid, signal.SIGTERM)
     assert runner.wait(15) == 0
     assert not record.exists()
 
 
-def test_handler_retry_asks_for_another_attempt(run_cli, queue_names, tmp_path):
+def test_handler_retry_asks_for_another_attempt(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     publish_ids(queue, [1, 2], extra={1: {"retry": True}})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--max-workers",
-        "1",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
-    )
+    runner = run_recorder(queue, "--max-workers", "1", "--exit-when-idle", "2s", record=record)
     assert runner.wait(60) == 0
     records = {r["id"]: r for r in read_records(record)}
     assert handled_ids(record) == {1: 1, 2: 1}

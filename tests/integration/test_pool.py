@@ -13,49 +13,29 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from tests.helpers import alive, get_all, handled_ids, publish_ids, ready_count, started_ids
+from tests.helpers import (
+    alive,
+    get_all,
+    handled_ids,
+    publish_ids,
+    ready_count,
+    session_processes,
+    started_ids,
+    worker_titles,
+)
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def session_processes(leader: int) -> list[int]:
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(process.pid) == leader and process.pid != leader:
-                found.append(process.pid)
-        except OSError:
-            continue
-    return found
-
-
-def worker_titles(leader: int) -> dict[int, str]:
-    """pid -> process title, for the workers of the instance led by `leader`."""
-    titles = {}
-    for pid in session_processes(leader):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
-        except OSError:
-            continue
-        if title.startswith("speed-gevent: worker"):
-            titles[pid] = title
-    return titles
 
 
 def dead_letters(queue: str) -> dict[int, dict]:
     return {json.loads(m.body)["id"]: m.properties["application_headers"] for m in get_all(queue + ".dead")}
 
 
-def test_the_php_bug_bursts_and_pauses_lose_nothing(run_cli, queue_names, tmp_path):
+def test_the_php_bug_bursts_and_pauses_lose_nothing(run_recorder, queue_names, tmp_path):
     """Idle workers retiring between bursts must never lose a message (the PHP original did)."""
     queue = queue_names()
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
+    runner = run_recorder(
         queue,
         "--min-workers",
         "1",
@@ -65,7 +45,7 @@ def test_the_php_bug_bursts_and_pauses_lose_nothing(run_cli, queue_names, tmp_pa
         "0.5s",
         "--patrol-interval",
         "0.2s",
-        env={"SG_RECORD": str(record)},
+        record=record,
     )
     wait_until(lambda: len(worker_titles(runner.pid)) == 1, 30, message="the first worker")
     published: list[int] = []
@@ -103,23 +83,13 @@ def test_the_php_bug_bursts_and_pauses_lose_nothing(run_cli, queue_names, tmp_pa
     )
 
 
-def test_kill_storm_loses_nothing_and_the_pool_recovers(run_cli, queue_names, tmp_path):
+def test_kill_storm_loses_nothing_and_the_pool_recovers(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 4001))
     publish_ids(queue, ids, extra={i: {"sleep": 0.01} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--min-workers",
-        "4",
-        "--max-workers",
-        "4",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--min-workers", "4", "--max-workers", "4", "--exit-when-idle", "2s", record=record
     )
     wait_until(lambda: len(handled_ids(record)) >= 50, 30, message="load to start")
     kills = 0
@@ -148,15 +118,12 @@ def test_kill_storm_loses_nothing_and_the_pool_recovers(run_cli, queue_names, tm
     )
 
 
-def test_leaky_workers_are_recycled(run_cli, queue_names, tmp_path):
+def test_leaky_workers_are_recycled(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 121))
     publish_ids(queue, ids, extra={i: {"leak": True, "sleep": 0.02} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
+    runner = run_recorder(
         queue,
         "--min-workers",
         "2",
@@ -168,7 +135,7 @@ def test_leaky_workers_are_recycled(run_cli, queue_names, tmp_path):
         "0.2s",
         "--exit-when-idle",
         "2s",
-        env={"SG_RECORD": str(record)},
+        record=record,
     )
     assert runner.wait(120) == 0, runner.output()[-3000:]
     output = runner.output()
@@ -179,16 +146,13 @@ def test_leaky_workers_are_recycled(run_cli, queue_names, tmp_path):
     print(f"\nmemory: {recycled} workers recycled over 100MB, {len(seen)} of {len(ids)} handled once")
 
 
-def test_hung_handlers_are_killed_and_dead_lettered_after_their_retries(run_cli, queue_names, tmp_path):
+def test_hung_handlers_are_killed_and_dead_lettered_after_their_retries(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 21))
     hung = {3, 7}
     publish_ids(queue, ids, extra={i: {"hang": True} for i in hung})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
+    runner = run_recorder(
         queue,
         "--min-workers",
         "2",
@@ -200,7 +164,7 @@ def test_hung_handlers_are_killed_and_dead_lettered_after_their_retries(run_cli,
         "1",
         "--exit-when-idle",
         "3s",
-        env={"SG_RECORD": str(record)},
+        record=record,
     )
     assert runner.wait(60) == 0, runner.output()[-3000:]
     dead = dead_letters(queue)
@@ -214,15 +178,14 @@ def test_hung_handlers_are_killed_and_dead_lettered_after_their_retries(run_cli,
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
-def test_poison_message_is_delivered_max_retries_plus_one_times(run_cli, queue_names, tmp_path, queue_type):
+def test_poison_message_is_delivered_max_retries_plus_one_times(
+    run_recorder, queue_names, tmp_path, queue_type
+):
     queue = queue_names(queue_type)
     ids = list(range(1, 11))
     publish_ids(queue, ids, extra={5: {"exit": True}}, queue_type=queue_type)
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
+    runner = run_recorder(
         queue,
         "--queue-type",
         queue_type,
@@ -232,7 +195,7 @@ def test_poison_message_is_delivered_max_retries_plus_one_times(run_cli, queue_n
         "2",
         "--exit-when-idle",
         "2s",
-        env={"SG_RECORD": str(record)},
+        record=record,
     )
     assert runner.wait(60) == 0, runner.output()[-3000:]
     assert started_ids(record) == {5: 3}
@@ -260,23 +223,13 @@ def test_workers_that_cannot_boot_stop_the_master(run_cli, queue_names):
     assert output.count("start event raised") <= 6, "fork storm"
 
 
-def test_hup_replaces_every_worker_under_load_and_loses_nothing(run_cli, queue_names, tmp_path):
+def test_hup_replaces_every_worker_under_load_and_loses_nothing(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 1501))
     publish_ids(queue, ids, extra={i: {"sleep": 0.005} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--min-workers",
-        "2",
-        "--max-workers",
-        "2",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--min-workers", "2", "--max-workers", "2", "--exit-when-idle", "2s", record=record
     )
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="load to start")
     before = set(worker_titles(runner.pid))
@@ -291,20 +244,10 @@ def test_hup_replaces_every_worker_under_load_and_loses_nothing(run_cli, queue_n
     assert {r["pid"] for r in map(json.loads, record.read_text().splitlines())} - before, "new workers worked"
 
 
-def test_ttin_ttou_and_usr1(run_cli, queue_names, tmp_path):
+def test_ttin_ttou_and_usr1(run_recorder, queue_names, tmp_path):
     queue = queue_names()
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--min-workers",
-        "1",
-        "--max-workers",
-        "1",
-        "--max-cache",
-        "12",
-        env={"SG_RECORD": str(tmp_path / "rec")},
+    runner = run_recorder(
+        queue, "--min-workers", "1", "--max-workers", "1", "--max-cache", "12", record=tmp_path / "rec"
     )
     wait_until(lambda: len(worker_titles(runner.pid)) == 1, 30, message="the first worker")
     os.kill(runner.pid, signal.SIGTTIN)
@@ -332,23 +275,13 @@ def test_ttin_ttou_and_usr1(run_cli, queue_names, tmp_path):
     assert runner.wait(30) == 0
 
 
-def test_fork_server_death_is_survived(run_cli, queue_names, tmp_path):
+def test_fork_server_death_is_survived(run_recorder, queue_names, tmp_path):
     queue = queue_names()
     ids = list(range(1, 601))
     publish_ids(queue, ids, extra={i: {"sleep": 0.01} for i in ids})
     record = tmp_path / "rec"
-    runner = run_cli(
-        "run",
-        "tests.apps.recorder:handle",
-        "-q",
-        queue,
-        "--min-workers",
-        "2",
-        "--max-workers",
-        "2",
-        "--exit-when-idle",
-        "2s",
-        env={"SG_RECORD": str(record)},
+    runner = run_recorder(
+        queue, "--min-workers", "2", "--max-workers", "2", "--exit-when-idle", "2s", record=record
     )
     wait_until(lambda: len(handled_ids(record)) >= 50, 30, message="load to start")
     servers = [
