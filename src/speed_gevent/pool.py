@@ -208,6 +208,7 @@ class Pool:
         if isinstance(frame, ResultFrame):
             self._events.on_worker_result(proc, frame)
         elif isinstance(frame, ReadyFrame):
+            proc.booted = True  # even if it was retired while booting: it did boot
             if proc.state is WorkerState.BOOTING:
                 proc.ready()
                 self._events.on_worker_ready(proc)

@@ -195,7 +195,7 @@ class Supervisor:
     def worker_gone(self, proc: WorkerProc, how: str) -> bool:
         """Note a worker's exit; False if workers keep failing to boot (the master must stop)."""
         self.disarm_timeout(proc)
-        if proc.booted:
+        if proc.booted or proc.stop_sent:
             return True
         now = time.monotonic()
         self.guard.failed(now, how)
