@@ -29,10 +29,12 @@ from .acks import AckTracker
 from .delivery import Delivery
 from .errors import BrokerError
 from .topology import declare_all
-from .urls import mask_url
+from .urls import mask_secrets, mask_url
 
 logger = logging.getLogger(__name__)
 
+#: Longest wait between connection attempts at start, in seconds.
+MAX_CONNECT_BACKOFF = 30.0
 #: Methods drained from the socket before the outbox gets a turn.
 DRAIN_BATCH = 64
 #: Seconds between heartbeat checks (py-amqp asks for about one a second).
@@ -98,6 +100,37 @@ class BrokerSession:
         self._tracker = AckTracker()
         self._channel = self._open_channel()
         self.connected = True
+
+    def connect_with_retry(
+        self, stop_requested: Callable[[], bool], wait: Callable[[float], Any], timeout: float | None
+    ) -> bool:
+        """Connect, retrying with doubling delays (logged with the password masked).
+
+        False if `stop_requested()` came true first; BrokerError if the broker refused us,
+        or did not answer within `timeout` seconds (None: retry forever).
+        """
+        delay = 1.0
+        give_up = time.monotonic() + timeout if timeout else None
+        while not stop_requested():
+            try:
+                self.connect()
+                return True
+            except BrokerError:
+                raise
+            except Exception as exc:
+                if stop_requested():
+                    break
+                why = mask_secrets(f"{type(exc).__name__}: {exc}", self.url)
+                if give_up is not None and time.monotonic() + delay > give_up:
+                    raise BrokerError(
+                        f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}"
+                    ) from None
+                logger.warning(
+                    "cannot reach the broker %s: %s; retrying in %.0fs", self.masked_url, why, delay
+                )
+                wait(delay)
+                delay = min(delay * 2, MAX_CONNECT_BACKOFF)
+        return False
 
     def _open_channel(self) -> Any:
         assert self._conn is not None

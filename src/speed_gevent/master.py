@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -27,10 +26,11 @@ import gevent.queue
 from gevent.pool import Group
 
 from .broker import BrokerSession, ConnectionLost
-from .cache import CacheFull, MessageCache
+from .cache import MessageCache
 from .config import Settings, load_settings
 from .delivery import Delivery
-from .errors import BrokerError, ExitCode, FatalError
+from .dispatcher import Dispatcher
+from .errors import ExitCode, FatalError
 from .forkclient import ForkClient
 from .osproc import set_title
 from .patrol import SpawnGuard
@@ -46,8 +46,6 @@ from .workerproc import WorkerProc, WorkerState
 
 logger = logging.getLogger(__name__)
 
-#: Longest wait between connection attempts at start, in seconds.
-MAX_CONNECT_BACKOFF = 30.0
 #: Seconds workers get to exit after StopFrame before they are killed.
 WORKER_STOP_TIMEOUT = 5.0
 
@@ -70,8 +68,6 @@ class Master(PoolEvents):
         self.state = MasterState.STARTING
         self._group = Group()
         self._cache = MessageCache(settings.max_cache)
-        self._idle: deque[WorkerProc] = deque()
-        self._dispatch_wake = gevent.event.Event()
         self._activity = gevent.event.Event()
         self._immediate = gevent.event.Event()
         self._intents: gevent.queue.Queue[Any] = gevent.queue.Queue()
@@ -91,6 +87,9 @@ class Master(PoolEvents):
         self._settler = Settler(self._session, self.counters, settings.max_retries)
         self._supervisor = Supervisor(
             settings, self._pool, self._cache, self._settler, self._wait_until, self._fatal
+        )
+        self._dispatcher = Dispatcher(
+            self._cache, self._pool, self._supervisor, lambda: self.state is MasterState.RUNNING
         )
 
     @classmethod
@@ -162,7 +161,7 @@ class Master(PoolEvents):
             return
         self._session.declare(settings.queues, settings.queue_type, settings.passive)
         self._supervisor.start_floor()
-        self._spawn("dispatcher", self._dispatch_loop)
+        self._spawn("dispatcher", self._dispatcher.loop)
         self._spawn("patrol", self._patrol_loop)
         prefetch = settings.prefetch_per_queue()
         # RUNNING before the first basic_consume: deliveries for the first queue can arrive
@@ -186,29 +185,9 @@ class Master(PoolEvents):
 
     def _connect(self) -> bool:
         """Connect, retrying with backoff; False if a stop came first. BrokerError if refused."""
-        delay = 1.0
-        timeout = self.settings.connect_timeout
-        give_up = time.monotonic() + timeout if timeout else None
-        while self._stops.count == 0:
-            try:
-                self._session.connect()
-                return True
-            except BrokerError:
-                raise
-            except Exception as exc:
-                if self._stops.count:
-                    break
-                why = mask_secrets(f"{type(exc).__name__}: {exc}", self.settings.broker)
-                if give_up is not None and time.monotonic() + delay > give_up:
-                    raise BrokerError(
-                        f"cannot reach the broker {self._session.masked_url} within {timeout:g}s: {why}"
-                    ) from None
-                logger.warning(
-                    "cannot reach the broker %s: %s; retrying in %.0fs", self._session.masked_url, why, delay
-                )
-                self._immediate.wait(delay)
-                delay = min(delay * 2, MAX_CONNECT_BACKOFF)
-        return False
+        return self._session.connect_with_retry(
+            lambda: self._stops.count > 0, self._immediate.wait, self.settings.connect_timeout
+        )
 
     def _install_signals(self) -> None:
         for signum, intent in SIGNAL_INTENTS.items():
@@ -251,31 +230,8 @@ class Master(PoolEvents):
         if self.state is not MasterState.RUNNING:
             self._settler.give_back(delivery)
             return
-        try:
-            self._cache.put(delivery)
-        except CacheFull as exc:
-            logger.error("%s; giving it back to the broker", exc)
+        if not self._dispatcher.offer(delivery):
             self._settler.give_back(delivery)
-            return
-        self._dispatch_wake.set()
-
-    def _dispatch_loop(self) -> None:
-        cache, idle, pool, supervisor = self._cache, self._idle, self._pool, self._supervisor
-        while True:
-            self._dispatch_wake.wait()
-            self._dispatch_wake.clear()
-            while cache and idle and self.state is MasterState.RUNNING:
-                proc = idle.popleft()
-                if not proc.is_idle:
-                    continue  # retired or gone since it was queued
-                delivery = cache.take()
-                assert delivery is not None
-                if pool.send_message(proc, delivery):
-                    supervisor.arm_timeout(proc, delivery)
-                else:
-                    cache.put_front(delivery)
-            if cache and self.state is MasterState.RUNNING:
-                supervisor.scale_up()
 
     def _patrol_loop(self) -> None:
         while self.state in (MasterState.STARTING, MasterState.RUNNING):
@@ -297,8 +253,7 @@ class Master(PoolEvents):
         self.counters.spawned += 1
         self._activity.set()
         if self.state in (MasterState.STARTING, MasterState.RUNNING) and proc.is_idle:
-            self._idle.append(proc)
-            self._dispatch_wake.set()
+            self._dispatcher.worker_idle(proc)
         else:
             self._pool.stop_worker(proc)
 
@@ -318,8 +273,7 @@ class Master(PoolEvents):
         if proc.state is WorkerState.RETIRING or self.state is MasterState.STOPPING:
             self._pool.stop_worker(proc)
         elif proc.is_idle:
-            self._idle.append(proc)
-            self._dispatch_wake.set()
+            self._dispatcher.worker_idle(proc)
         self._activity.set()
 
     def on_worker_exit_request(self, proc: WorkerProc, reason: str) -> None:
@@ -351,7 +305,7 @@ class Master(PoolEvents):
         if self.state is not MasterState.RUNNING or not self._supervisor.worker_gone(proc, how):
             return
         self._supervisor.refill()
-        self._dispatch_wake.set()  # a backlog may need a new worker
+        self._dispatcher.poke()  # a backlog may need a new worker
 
     def _lost_delivery(self, proc: WorkerProc, delivery: Delivery, how: str) -> None:
         if self.state is MasterState.STOPPING:
@@ -402,7 +356,7 @@ class Master(PoolEvents):
             return
         self._spawn("fork-reports", self._fork.report_loop)
         self._supervisor.refill()
-        self._dispatch_wake.set()
+        self._dispatcher.poke()
 
     # -- control ------------------------------------------------------------------------------
 
@@ -436,7 +390,7 @@ class Master(PoolEvents):
 
     def handle_more_workers(self) -> None:
         self._supervisor.resize(+1)
-        self._dispatch_wake.set()
+        self._dispatcher.poke()
 
     def handle_fewer_workers(self) -> None:
         self._supervisor.resize(-1)
