@@ -24,6 +24,18 @@ def publish_ids(
     assert publish_messages(BROKER, queue, bodies, queue_type=queue_type) == len(ids)
 
 
+def publish_load(queue: str, count: int, sleep: float, queue_type: str = "classic") -> list[int]:
+    """Publish ids 1..count whose handler sleeps `sleep` seconds each; returns the ids."""
+    ids = list(range(1, count + 1))
+    publish_ids(queue, ids, extra={i: {"sleep": sleep} for i in ids}, queue_type=queue_type)
+    return ids
+
+
+def ids_in(queue: str) -> list[int]:
+    """Take every message out of `queue` and return the ids in their JSON bodies."""
+    return [json.loads(msg.body)["id"] for msg in get_all(queue)]
+
+
 def ready_count(queue: str) -> int:
     """Messages ready in `queue` (passive declare: exact and fast)."""
     with Connection(BROKER) as conn:

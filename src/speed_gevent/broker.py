@@ -360,10 +360,6 @@ class BrokerSession:
         if isinstance(seq, int):
             self._returned[seq] = str(exc)
 
-    @property
-    def outstanding(self) -> int:
-        return self._tracker.outstanding
-
 
 def _is_connection_error(exc: Exception) -> bool:
     from amqp.exceptions import ConnectionError as AmqpConnectionError

@@ -47,6 +47,3 @@ class MessageCache:
         while self._items and self._items[0].received_at < received_before:
             expired.append(self._items.popleft())
         return expired
-
-    def oldest_age(self, now: float) -> float:
-        return now - self._items[0].received_at if self._items else 0.0

@@ -8,6 +8,8 @@ republish (retry or dead letter) is confirmed by the broker before the original 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -73,9 +75,6 @@ def decide(failure: Failure | None, attempt: int, max_retries: int) -> Decision:
 
 def describe_exit(status: int) -> str:
     """A `waitpid` status as a person reads it: `exit code 3` or `killed by SIGKILL`."""
-    import os
-    import signal
-
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         try:

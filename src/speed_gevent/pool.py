@@ -61,7 +61,6 @@ class Pool:
         self._next_id = 0
         self.procs: dict[int, WorkerProc] = {}
         self._by_pid: dict[int, WorkerProc] = {}
-        self.spawned = 0
 
     def __len__(self) -> int:
         return len(self.procs)
@@ -87,7 +86,6 @@ class Pool:
             return None
         proc = WorkerProc(self._next_id, conn, time.monotonic())
         self.procs[proc.worker_id] = proc
-        self.spawned += 1
         self._group.spawn(self._read_loop, proc).name = f"reader-{proc.worker_id}"
         return proc
 

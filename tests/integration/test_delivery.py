@@ -17,8 +17,10 @@ from tests.helpers import (
     close_broker_connection,
     get_all,
     handled_ids,
+    ids_in,
     process_titles,
     publish_ids,
+    publish_load,
     read_records,
     ready_count,
     session_processes,
@@ -58,8 +60,7 @@ def test_10000_messages_over_3_queues_4_workers(run_cli, queue_names, tmp_path):
 
 def test_unacked_never_exceeds_max_cache(run_recorder, queue_names, tmp_path):
     queue = queue_names()
-    ids = list(range(1, 401))
-    publish_ids(queue, ids, extra={i: {"sleep": 0.05} for i in ids})
+    ids = publish_load(queue, 400, 0.05)
     record = tmp_path / "rec"
     runner = run_recorder(
         queue, "--max-workers", "4", "--max-cache", "20", "--exit-when-idle", "1s", record=record
@@ -77,8 +78,7 @@ def test_unacked_never_exceeds_max_cache(run_recorder, queue_names, tmp_path):
 
 def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_recorder, queue_names, tmp_path):
     queue = queue_names()
-    ids = list(range(1, 2001))
-    publish_ids(queue, ids, extra={i: {"sleep": 0.01} for i in ids})
+    ids = publish_load(queue, 2000, 0.01)
     record = tmp_path / "rec"
     runner = run_recorder(queue, "--max-workers", "2", "--graceful-timeout", "10s", record=record)
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
@@ -87,7 +87,7 @@ def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_recorder, que
     assert runner.wait(15) == 0
     assert time.monotonic() - stopped_at < 10
     handled = handled_ids(record)
-    back = [int(m.body.decode().split('"id": ')[1].split(",")[0].rstrip("}")) for m in get_all(queue)]
+    back = ids_in(queue)
     assert max(handled.values()) == 1, "a message was handled twice"
     assert len(back) == len(set(back)), "a message is twice in the queue"
     assert not set(handled) & set(back), "a message was handled and also returned"
@@ -97,8 +97,7 @@ def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_recorder, que
 
 def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_recorder, queue_names, tmp_path):
     queue = queue_names()
-    ids = list(range(1, 1001))
-    publish_ids(queue, ids, extra={i: {"sleep": 0.005} for i in ids})
+    ids = publish_load(queue, 1000, 0.005)
     record = tmp_path / "rec"
     runner = run_recorder(queue, "--min-workers", "3", "--max-workers", "3", record=record)
     wait_until(lambda: len(handled_ids(record)) >= 100, 30, message="100 handled")
@@ -249,8 +248,7 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_recorder,
 
 def test_lost_connection_exits_1_and_the_broker_requeues(run_recorder, run_cli, queue_names, tmp_path):
     queue = queue_names()
-    ids = list(range(1, 301))
-    publish_ids(queue, ids, extra={i: {"sleep": 0.02} for i in ids})
+    ids = publish_load(queue, 300, 0.02)
     record = tmp_path / "rec"
     runner = run_cli(
         "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2", env={"SG_RECORD": str(record)}
