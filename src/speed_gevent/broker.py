@@ -1,14 +1,20 @@
 """`BrokerSession`: the master's one AMQP connection and channel, run by one greenlet.
 
 The consumer greenlet is the only code that touches the connection. Other greenlets
-queue acks, rejects, publishes and cancels on the outbox; the loop wakes when the socket
-is readable or the outbox is non-empty (never on a fixed drain timeout: with a full
-prefetch window nothing arrives until acks leave), drains with `timeout=0`, runs the
-outbox and services heartbeats about once a second.
+queue rejects, publishes and cancels on the outbox, and the router keeps finished tags
+until this greenlet takes them (`take_acks`); the loop wakes when the socket is readable
+or the outbox is non-empty (never on a fixed drain timeout: with a full prefetch window
+nothing arrives until acks leave), drains with `timeout=0`, writes the outbox, then the
+acks, and services heartbeats about once a second. The order matters: a multiple-ack may
+pass over rejected tags only once those rejects are written, so acks are taken right
+after the outbox ran empty, with no yield in between.
 
-Delivery tags belong to a channel: each connection gets a new `generation`, and an ack
-or reject for a delivery of another generation is dropped (the broker redelivers it).
+Delivery tags belong to a channel: each connection gets a new `generation`, and a
+settlement for a delivery of another generation is dropped (the broker redelivers it).
 Republishes go through a confirm-mode channel whose acks are tracked asynchronously.
+Bodies stay the broker's bytes: py-amqp's `auto_decode` (which turns a body with a
+`content_encoding` into `str`) is off, and a delivery whose metadata cannot be framed for
+a worker is marked with its problem for the router to dead-letter.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from amqp import Message as AmqpMessage
 from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
 from kombu import Connection
 
-from .acks import AckTracker
+from .actions import Ack
 from .delivery import Delivery
 from .errors import BrokerError
+from .protocol import MAX_META_SIZE, encode_meta
 from .topology import declare_all
 from .urls import mask_secrets, mask_url
 
@@ -56,18 +63,19 @@ class BrokerSession:
         heartbeat: float,
         on_delivery: Callable[[Delivery], None],
         connect_timeout: float | None = None,
+        take_acks: Callable[[], list[Ack]] = list,
     ) -> None:
         self.url = url
         self.masked_url = mask_url(url)
         self._heartbeat = heartbeat
         self._connect_timeout = connect_timeout
         self._on_delivery = on_delivery
+        self._take_acks = take_acks
         self._conn: Connection | None = None
         self._channel: Any = None
         self.generation = 0
         self._next_id = 0
         self._queue_of: dict[str, str] = {}
-        self._tracker = AckTracker()
         self._outbox: deque[tuple[Any, ...]] = deque()
         self._wake = gevent.event.Event()
         self._publish_seq = 0
@@ -97,7 +105,6 @@ class BrokerSession:
             raise OSError(f"broker closed the connection: {exc}") from None
         self._conn = conn
         self.generation += 1
-        self._tracker = AckTracker()
         self._channel = self._open_channel()
         self.connected = True
 
@@ -135,6 +142,7 @@ class BrokerSession:
     def _open_channel(self) -> Any:
         assert self._conn is not None
         channel = self._conn.connection.channel()
+        channel.auto_decode = False  # bodies are bytes, whatever their content_encoding
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_confirm_ack)
         channel.events["basic_nack"].add(self._on_confirm_nack)
@@ -159,20 +167,23 @@ class BrokerSession:
 
     def _on_message(self, msg: AmqpMessage) -> None:
         info = msg.delivery_info
-        tag = info["delivery_tag"]
-        self._tracker.received(tag)
         self._next_id += 1
-        body = msg.body
-        self._on_delivery(Delivery(
-            self._next_id, self.generation, tag, self._queue_of[info["consumer_tag"]],
-            info["exchange"], info["routing_key"], info["redelivered"],
-            body if isinstance(body, bytes) else bytes(body), msg.properties, time.monotonic(),
-        ))  # fmt: skip
+        body, problem = _as_bytes(msg.body, msg.properties.get("content_encoding"))
+        delivery = Delivery(
+            self._next_id, self.generation, info["delivery_tag"],
+            self._queue_of.get(info["consumer_tag"], ""), info.get("exchange") or "",
+            info.get("routing_key") or "", bool(info.get("redelivered")), body, msg.properties,
+            time.monotonic(), problem,
+        )  # fmt: skip
+        if problem is None:
+            delivery.problem = _frame_meta(delivery)
+        self._on_delivery(delivery)
 
     # -- the outbox: safe to call from any greenlet --------------------------------------
 
-    def ack(self, delivery: Delivery) -> None:
-        self._put(("ack", delivery))
+    def wake(self) -> None:
+        """Acks wait in the router: take and write them soon."""
+        self._wake.set()
 
     def reject(self, delivery: Delivery, requeue: bool = True) -> None:
         self._put(("reject", delivery, requeue))
@@ -215,7 +226,7 @@ class BrokerSession:
                     next_heartbeat = now + HEARTBEAT_TICK
                 if self._closing and self._ready_to_close(now):
                     break
-                if self._outbox:
+                if self._outbox or self._wake.is_set():
                     continue
                 io.start(self._wake.set)
                 try:
@@ -287,27 +298,23 @@ class BrokerSession:
         self.closed.set()
 
     def _run_outbox(self) -> None:
-        if not self._outbox:
-            return
-        acks: list[int] = []
         outbox = self._outbox
         while outbox:
             op = outbox.popleft()
-            if op[0] == "ack":
-                if self._current(op[1]):
-                    acks.append(op[1].tag)
-            elif op[0] == "reject":
+            if op[0] == "reject":
                 if self._current(op[1]):
                     self._channel.basic_reject(op[1].tag, requeue=op[2])
-                    self._tracker.rejected(op[1].tag)
             elif op[0] == "publish":
                 self._publish(*op[1:])
             elif op[0] == "cancel":
                 for tag in list(self._queue_of):
                     self._channel.basic_cancel(tag)
                 op[1]()
-        if acks:
-            self._send_acks(acks)
+        # The outbox is empty and nothing yielded since: every reject the router counted
+        # as settled is written, so a multiple-ack over it is safe.
+        for ack in self._take_acks():
+            if ack.generation == self.generation:
+                self._channel.basic_ack(ack.tag, multiple=ack.multiple)
 
     def _current(self, delivery: Delivery) -> bool:
         """Tags are per channel: a delivery of an older generation is never settled here."""
@@ -315,13 +322,6 @@ class BrokerSession:
             return True
         logger.info("not settling %r from an old channel; the broker redelivers it", delivery)
         return False
-
-    def _send_acks(self, tags: list[int]) -> None:
-        plan = self._tracker.plan(tags)
-        if plan.upto is not None:
-            self._channel.basic_ack(plan.upto, multiple=True)
-        for tag in plan.singles:
-            self._channel.basic_ack(tag)
 
     def _publish(
         self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm
@@ -359,6 +359,30 @@ class BrokerSession:
         seq = (message.properties.get("application_headers") or {}).get(PUBLISH_SEQ_HEADER)
         if isinstance(seq, int):
             self._returned[seq] = str(exc)
+
+
+def _as_bytes(body: Any, encoding: Any) -> tuple[bytes, str | None]:
+    """The body as bytes. With auto_decode off py-amqp hands over bytes; anything else is
+    turned back into bytes as best we can and marked, so it is dead-lettered, not lost."""
+    if isinstance(body, bytes):
+        return body, None
+    if isinstance(body, bytearray | memoryview):
+        return bytes(body), None
+    if isinstance(body, str):
+        return body.encode("utf-8", "surrogatepass"), f"the body arrived decoded ({encoding!r})"
+    return repr(body).encode(), f"the body arrived as {type(body).__name__}"
+
+
+def _frame_meta(delivery: Delivery) -> str | None:
+    """Encode the worker frame's metadata once; the reason if it cannot be encoded."""
+    try:
+        meta = encode_meta([delivery.id, delivery.meta()])
+    except Exception as exc:  # msgpack refuses some values (huge ints, odd types)
+        return f"its properties cannot be passed to a worker ({type(exc).__name__}: {exc})"
+    if len(meta) > MAX_META_SIZE:
+        return f"its properties and headers take {len(meta)} bytes, above {MAX_META_SIZE}"
+    delivery.frame_meta = meta
+    return None
 
 
 def _is_connection_error(exc: Exception) -> bool:

@@ -7,6 +7,7 @@ prefetch (which adds up to the capacity) is what keeps the cache from overflowin
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
 from .delivery import Delivery
 
@@ -41,9 +42,14 @@ class MessageCache:
         self._items.clear()
         return items
 
+    def peek_all(self) -> Iterator[Delivery]:
+        return iter(self._items)
+
     def expire(self, received_before: float) -> list[Delivery]:
-        """Take out deliveries that arrived before `received_before` (oldest first)."""
-        expired = []
-        while self._items and self._items[0].received_at < received_before:
-            expired.append(self._items.popleft())
+        """Take out deliveries that arrived before `received_before`, wherever they wait
+        (one put back at the front may be younger than those behind it)."""
+        if not any(d.received_at < received_before for d in self._items):
+            return []
+        expired = [d for d in self._items if d.received_at < received_before]
+        self._items = deque(d for d in self._items if d.received_at >= received_before)
         return expired

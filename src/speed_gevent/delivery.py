@@ -1,6 +1,6 @@
 """`Delivery`: a broker message plus the channel generation and tag it came with.
 
-The unit the cache, the dispatcher and the retry policy pass around in the master. Its
+The unit the router passes around in the master. Its
 body stays the broker's bytes; nothing here decodes it.
 """
 
@@ -18,7 +18,7 @@ class Delivery:
     """One delivery. `(generation, tag)` is only meaningful on the channel it came from."""
 
     __slots__ = ("id", "generation", "tag", "queue", "exchange", "routing_key", "redelivered",
-                 "body", "properties", "received_at", "attempt")  # fmt: skip
+                 "body", "properties", "received_at", "attempt", "frame_meta", "problem")  # fmt: skip
 
     def __init__(
         self,
@@ -32,6 +32,7 @@ class Delivery:
         body: bytes,
         properties: dict[str, Any],
         received_at: float,
+        problem: str | None = None,
     ) -> None:
         self.id = id
         self.generation = generation
@@ -44,6 +45,8 @@ class Delivery:
         self.properties = properties
         self.received_at = received_at
         self.attempt = attempt_of(properties.get("application_headers"))
+        self.frame_meta = b""  #: the worker frame's metadata, encoded once on arrival
+        self.problem = problem  #: why it cannot be handed to a worker (it is dead-lettered)
 
     @property
     def headers(self) -> dict[str, Any]:

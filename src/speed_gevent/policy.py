@@ -32,6 +32,7 @@ class FailureKind(Enum):
     RETRY = "retry"  #: the handler raised Retry
     CRASH = "crash"  #: the worker died mid-message
     TIMEOUT = "timeout"  #: the handler ran past --timeout and its worker was killed
+    INVALID = "invalid"  #: the master cannot turn the message into a frame for a worker
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def failure_from_result(outcome: int, error_type: str, message: str, traceback: 
         Outcome.ERROR: FailureKind.ERROR,
         Outcome.REJECT: FailureKind.REJECT,
         Outcome.RETRY: FailureKind.RETRY,
-    }.get(Outcome(outcome), FailureKind.ERROR)
+    }[Outcome(outcome)]  # the frame codec refuses unknown outcomes
     return Failure(kind, error_type, message, traceback)
 
 
@@ -68,7 +69,7 @@ def decide(failure: Failure | None, attempt: int, max_retries: int) -> Decision:
     """Ack on success; retry while attempts remain (Reject never retries); else dead-letter."""
     if failure is None:
         return ACK
-    if failure.kind is FailureKind.REJECT or attempt > max_retries:
+    if failure.kind in (FailureKind.REJECT, FailureKind.INVALID) or attempt > max_retries:
         return Decision(Action.DEAD_LETTER, failure)
     return Decision(Action.RETRY, failure)
 

@@ -37,6 +37,9 @@ HEADER_SIZE = HEADER.size
 MAX_META_SIZE = 64 * 2**20
 #: Largest body, in bytes: RabbitMQ's own hard ceiling for a message.
 MAX_BODY_SIZE = 512 * 2**20
+#: Largest metadata part of a frame from a worker (a result carries at most an error type,
+#: a message and a traceback of a few thousand characters); worker frames carry no body.
+MAX_WORKER_META_SIZE = 64 * 2**10
 
 _EXT_DATETIME = 1
 _EXT_DECIMAL = 2
@@ -172,6 +175,7 @@ class _Shape:
     types: tuple[tuple[type, ...], ...] = field(default=())
 
 
+_OUTCOMES = frozenset(int(outcome) for outcome in Outcome)
 _INT = (int,)
 _STR = (str,)
 _SHAPES: dict[int, _Shape] = {
@@ -235,7 +239,12 @@ def encode(frame: Frame) -> bytes:
     return head + body if body else head
 
 
-def _check_header(data: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int, int]:
+def _check_header(
+    data: bytes | bytearray | memoryview,
+    offset: int = 0,
+    max_meta: int = MAX_META_SIZE,
+    max_body: int = MAX_BODY_SIZE,
+) -> tuple[int, int, int]:
     magic, version, frame_type, meta_len, body_len = HEADER.unpack_from(data, offset)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}")
@@ -243,7 +252,7 @@ def _check_header(data: bytes | bytearray | memoryview, offset: int = 0) -> tupl
         raise ProtocolError(f"unsupported protocol version {version}")
     if frame_type not in _SHAPES:
         raise ProtocolError(f"unknown frame type {frame_type}")
-    if meta_len > MAX_META_SIZE or body_len > MAX_BODY_SIZE:
+    if meta_len > max_meta or body_len > max_body:
         raise ProtocolError(f"oversized frame: meta {meta_len} bytes, body {body_len} bytes")
     return frame_type, meta_len, body_len
 
@@ -263,6 +272,8 @@ def _build(frame_type: int, meta: bytes | memoryview, body: bytes) -> Frame:
             raise ProtocolError(f"corrupt {shape.cls.__name__}: bad field {value!r}")
     if shape.cls is MessageFrame:
         return MessageFrame(values[0], values[1], body)
+    if shape.cls is ResultFrame and values[1] not in _OUTCOMES:
+        raise ProtocolError(f"corrupt ResultFrame: unknown outcome {values[1]!r}")
     if body:
         raise ProtocolError(f"{shape.cls.__name__} carries an unexpected body")
     return shape.cls(*values)
@@ -283,12 +294,16 @@ def decode(data: bytes) -> Frame:
 class FrameDecoder:
     """Incremental decoder for a byte stream: `feed(chunk)` returns the complete frames.
 
-    After a ProtocolError the stream is unusable; the caller ends the peer.
+    After a ProtocolError the stream is unusable; the caller ends the peer. The master
+    reads workers with `max_meta=MAX_WORKER_META_SIZE, max_body=0`: what a worker may send
+    is small, so a corrupt length is caught at the header, before anything is buffered.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_meta: int = MAX_META_SIZE, max_body: int = MAX_BODY_SIZE) -> None:
         self._buffer = bytearray()
         self._need: tuple[int, int, int] | None = None
+        self._max_meta = max_meta
+        self._max_body = max_body
 
     @property
     def pending(self) -> int:
@@ -306,7 +321,7 @@ class FrameDecoder:
                 if self._need is None:
                     if len(buffer) - offset < HEADER_SIZE:
                         break
-                    self._need = _check_header(buffer, offset)
+                    self._need = _check_header(buffer, offset, self._max_meta, self._max_body)
                 frame_type, meta_len, body_len = self._need
                 end = offset + HEADER_SIZE + meta_len + body_len
                 if len(buffer) < end:

@@ -1,7 +1,8 @@
-"""Master signals: which intent each signal records, and the double-stop counter.
+"""Master signals: which intent each signal records.
 
 Signal handlers only record intent (gunicorn, huey); the master's control greenlet acts
-on it. SIGCHLD is not here: gevent's child watcher owns it in the master.
+on it (the router counts stops: the second is immediate). SIGCHLD is not here:
+gevent's child watcher owns it in the master.
 """
 
 from __future__ import annotations
@@ -26,19 +27,3 @@ SIGNAL_INTENTS: dict[int, Intent] = {
     signal.SIGTTIN: Intent.MORE_WORKERS,
     signal.SIGTTOU: Intent.FEWER_WORKERS,
 }
-
-
-class StopKind(Enum):
-    GRACEFUL = "graceful"
-    IMMEDIATE = "immediate"
-
-
-class StopRequests:
-    """The first stop request is graceful; any later one is immediate."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def request(self) -> StopKind:
-        self.count += 1
-        return StopKind.GRACEFUL if self.count == 1 else StopKind.IMMEDIATE

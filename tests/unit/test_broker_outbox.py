@@ -1,7 +1,8 @@
 """The consumer greenlet's outbox, with a recording stand-in for the py-amqp channel.
 
 Traps of a gevent master that need a test, not only care: only the consumer greenlet
-writes to the connection; tags of an older channel generation are never settled;
+writes to the connection (acks wait in the router until it takes them, after the rejects
+queued before them); tags of an older channel generation are never settled;
 per-consumer QoS (quorum queues refuse global QoS) is set before each basic_consume.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import gevent
 
+from speed_gevent.actions import Ack, Reject
 from speed_gevent.broker import BrokerSession
 from speed_gevent.delivery import Delivery
+from speed_gevent.router import Router, RouterSettings
 
 
 class RecordingChannel:
@@ -33,8 +36,10 @@ class RecordingChannel:
         return f"ctag-{self._tags}"
 
 
-def session_with(channel: RecordingChannel, generation: int = 1) -> BrokerSession:
-    session = BrokerSession("amqp://guest:secret@localhost//", 30, on_delivery=lambda d: None)
+def session_with(channel: RecordingChannel, generation: int = 1, take_acks=list) -> BrokerSession:
+    session = BrokerSession(
+        "amqp://guest:secret@localhost//", 30, on_delivery=lambda d: None, take_acks=take_acks
+    )
     session._channel = channel
     session.generation = generation
     return session
@@ -44,22 +49,57 @@ def delivery(tag: int, generation: int = 1) -> Delivery:
     return Delivery(tag, generation, tag, "q", "", "q", False, b"", {}, 0.0)
 
 
+def router_with(*tags: int) -> Router:
+    router = Router(RouterSettings(max_cache=10), 0.0)
+    router.channel_opened(1)
+    router.start(0.0)
+    for tag in tags:
+        router.delivery_arrived(delivery(tag), 0.0)
+    return router
+
+
 def test_other_greenlets_only_queue_their_acks():
+    """Acks finished by other greenlets wait in the router; only the consumer greenlet's
+    outbox turn writes them, as one multiple-ack over the finished prefix."""
     channel = RecordingChannel()
-    session = session_with(channel)
-    for tag in (1, 2, 3):
-        session._tracker.received(tag)
-    gevent.joinall([gevent.spawn(session.ack, delivery(tag)) for tag in (1, 2, 3)])
+    router = router_with(1, 2, 3)
+    session = session_with(channel, take_acks=router.take_acks)
+    workers = [a.worker_id for a in router.fork_server_ready(0.0)]  # nothing to spawn: floor is up
+    assert workers == []
+    for worker in router.workers():
+        router.worker_ready(worker.worker_id, 0.0)
+    router.worker_spawned(99, 99)  # unknown: ignored
+
+    def finish_all() -> None:
+        for worker in router.workers():
+            if worker.running is not None:
+                router.worker_result(worker.worker_id, worker.running.delivery.id, None, 0.0)
+
+    while router.unsettled:
+        gevent.joinall([gevent.spawn(finish_all)])
+        router.patrol(0.0)
     assert channel.calls == [], "an ack was written outside the consumer greenlet"
     session._run_outbox()  # what the consumer greenlet does between drains
-    assert channel.calls == [("ack", 3, True)]
+    assert ("ack", 3, True) in channel.calls
+    assert all(call[0] == "ack" for call in channel.calls)
+
+
+def test_rejects_queued_before_are_written_before_a_multiple_ack():
+    channel = RecordingChannel()
+    router = router_with()
+    session = session_with(channel, take_acks=router.take_acks)
+    router.delivery_arrived(delivery(1), 0.0)  # cached: no worker is ready yet
+    router.delivery_arrived(delivery(2), 0.0)
+    for action in router.stop(0.0):  # graceful stop gives the cache back
+        if isinstance(action, Reject):
+            session.reject(action.delivery)
+    session._run_outbox()
+    assert channel.calls == [("reject", 1, True), ("reject", 2, True)]
 
 
 def test_tags_of_an_old_channel_are_never_settled():
     channel = RecordingChannel()
-    session = session_with(channel, generation=2)
-    session._tracker.received(1)
-    session.ack(delivery(1, generation=1))
+    session = session_with(channel, generation=2, take_acks=lambda: [Ack(1, 1, True)])
     session.reject(delivery(1, generation=1), requeue=True)
     session._run_outbox()
     assert channel.calls == []

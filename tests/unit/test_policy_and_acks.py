@@ -18,8 +18,6 @@ from speed_gevent.policy import (
     retry_headers,
 )
 from speed_gevent.protocol import Outcome
-from speed_gevent.signals import StopKind, StopRequests
-from speed_gevent.workerproc import StateError, WorkerProc, WorkerState
 
 
 def delivery(i: int = 1, headers: dict | None = None) -> Delivery:
@@ -119,7 +117,7 @@ def test_describe_exit():
     assert describe_exit(3 << 8) == "exit code 3"
 
 
-# -- cache, worker records, stop counter -------------------------------------------------
+# -- cache -------------------------------------------------
 
 
 def test_cache_is_fifo_bounded_and_never_waits():
@@ -132,36 +130,3 @@ def test_cache_is_fifo_bounded_and_never_waits():
     assert first is not None and first.id == 1
     cache.put_front(first)
     assert [d.id for d in cache.drain()] == [1, 2] and len(cache) == 0
-
-
-def test_worker_record_transitions():
-    proc = WorkerProc(1, None, 0.0)
-    with pytest.raises(StateError):
-        proc.assign(delivery(), 0.0)  # still booting
-    proc.ready()
-    proc.assign(delivery(5), 1.0)
-    with pytest.raises(StateError):
-        proc.assign(delivery(6), 1.0)  # one message at a time
-    with pytest.raises(StateError):
-        proc.complete(99, 2.0, False)  # a result for something it does not hold
-    proc.retire()
-    assert proc.complete(5, 2.0, False).id == 5
-    assert proc.state is WorkerState.RETIRING and proc.delivery is None
-    proc.stopping()
-    assert proc.dead() is None and not proc.is_alive
-
-
-def test_dead_worker_gives_back_its_delivery():
-    proc = WorkerProc(1, None, 0.0)
-    proc.ready()
-    proc.assign(delivery(5), 1.0)
-    with pytest.raises(StateError):
-        proc.stopping()
-    assert proc.dead().id == 5
-
-
-def test_second_stop_request_is_immediate():
-    stops = StopRequests()
-    assert stops.request() is StopKind.GRACEFUL
-    assert stops.request() is StopKind.IMMEDIATE
-    assert stops.request() is StopKind.IMMEDIATE

@@ -1,0 +1,285 @@
+"""A model of everything around the router (the broker, the workers, the clock) that
+feeds it events and checks every action it returns against the delivery guarantees.
+
+Used by the router's scenario tests and by its property test. The checks raise
+`Violation` at the action that breaks a rule, so a failing example points at it:
+- a delivery is settled (ack or reject) at most once, only while the broker still holds
+  it unacked, and only on the channel generation it came from;
+- an ack (single or multiple) covers only deliveries whose handler returned, or whose
+  republish the broker confirmed;
+- nothing is sent to a worker that is not ready, was told to stop, was killed or asked
+  to exit; a worker holds one message at a time (the window is one today);
+- a StopFrame goes only to a worker that holds nothing;
+- the cache never holds more than --max-cache.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from speed_gevent import actions as act
+from speed_gevent.delivery import Delivery
+from speed_gevent.policy import Failure
+from speed_gevent.router import Phase, Router, RouterSettings
+
+KILLED = 9  # waitpid status of a process killed by SIGKILL
+CLEAN = 0
+
+
+class Violation(AssertionError):
+    """The router broke a delivery guarantee."""
+
+
+@dataclass
+class ModelWorker:
+    worker_id: int
+    pid: int | None = None
+    ready: bool = False
+    stop_sent: bool = False
+    killed: bool = False
+    exit_asked: bool = False
+    holding: deque[Delivery] = field(default_factory=deque)
+
+
+class World:
+    def __init__(self, settings: RouterSettings, now: float = 100.0) -> None:
+        self.settings = settings
+        self.now = now
+        self.router = Router(settings, now)
+        self.generation = 1
+        self._next_tag = 0
+        self._next_id = 0
+        self.outstanding: dict[tuple[int, int], Delivery] = {}  # the broker's unacked, by (gen, tag)
+        self.may_ack: set[int] = set()  # delivery ids whose handler returned or republish confirmed
+        self.workers: dict[int, ModelWorker] = {}
+        self.publishes: dict[int, act.Publish] = {}
+        self.acked: list[int] = []  # delivery ids
+        self.rejected: list[int] = []
+        self.confirmed: list[act.Publish] = []
+        self.redelivered: list[int] = []  # ids the broker took back with a lost channel
+        self.sent: list[tuple[int, int]] = []  # (worker id, delivery id)
+        self.handled: list[int] = []  # delivery ids whose handler returned (any outcome)
+        self.exits: list[act.WorkerExited] = []
+        self.timer: float | None = None
+        self.drained: str | None = None
+        self.fatal: str | None = None
+        self.acks_waiting = False
+        self.last: list[act.Action] = []
+        self.feed(self.router.channel_opened(self.generation))
+
+    # -- feeding -----------------------------------------------------------------------
+
+    def feed(self, actions: list[act.Action]) -> list[act.Action]:
+        self.last = actions
+        for action in actions:
+            self._check(action)
+        if len(self.router._cache) > self.settings.max_cache:
+            raise Violation(f"cache holds {len(self.router._cache)} > {self.settings.max_cache}")
+        return actions
+
+    def _check(self, action: act.Action) -> None:  # noqa: C901 - one branch per action
+        if isinstance(action, act.Spawn):
+            if action.worker_id in self.workers:
+                raise Violation(f"worker id {action.worker_id} spawned twice")
+            self.workers[action.worker_id] = ModelWorker(action.worker_id)
+        elif isinstance(action, act.SendMessage):
+            self._check_send(action)
+        elif isinstance(action, act.StopWorker):
+            worker = self.workers.get(action.worker_id)
+            if worker is not None:
+                if worker.holding:
+                    raise Violation(f"StopFrame to worker {action.worker_id} holding {list(worker.holding)}")
+                worker.stop_sent = True
+        elif isinstance(action, act.KillWorker):
+            worker = self.workers.get(action.worker_id)
+            if worker is not None:
+                worker.killed = True
+        elif isinstance(action, act.Reject):
+            self._settle(action.delivery, "reject")
+            self.rejected.append(action.delivery.id)
+        elif isinstance(action, act.Publish):
+            self.publishes[action.publish_id] = action
+        elif isinstance(action, act.AcksReady):
+            self.acks_waiting = True
+        elif isinstance(action, act.SetTimer):
+            self.timer = action.at
+        elif isinstance(action, act.WorkerExited):
+            self.exits.append(action)
+        elif isinstance(action, act.Drained):
+            if self.drained is not None:
+                raise Violation("drained twice")
+            self.drained = action.how
+        elif isinstance(action, act.Fatal):
+            self.fatal = action.reason
+
+    def _check_send(self, action: act.SendMessage) -> None:
+        worker = self.workers.get(action.worker_id)
+        d = action.delivery
+        if worker is None:
+            raise Violation(f"{d!r} sent to unknown worker {action.worker_id}")
+        if not worker.ready or worker.stop_sent or worker.killed or worker.exit_asked:
+            raise Violation(f"{d!r} sent to worker {worker} that cannot take it")
+        if worker.holding:
+            raise Violation(f"{d!r} sent to worker {action.worker_id} already holding {list(worker.holding)}")
+        if (d.generation, d.tag) not in self.outstanding:
+            raise Violation(f"{d!r} sent to a worker but it is not outstanding on the broker")
+        for other in self.workers.values():
+            if any(h.id == d.id for h in other.holding):
+                raise Violation(
+                    f"{d!r} sent to worker {action.worker_id} while worker {other.worker_id} holds it"
+                )
+        worker.holding.append(d)
+        self.sent.append((action.worker_id, d.id))
+
+    def _settle(self, d: Delivery, how: str) -> None:
+        if d.generation != self.generation:
+            raise Violation(f"{how} of {d!r} from old generation (current {self.generation})")
+        if self.outstanding.pop((d.generation, d.tag), None) is None:
+            raise Violation(f"{how} of {d!r}, which is not outstanding (settled twice?)")
+
+    def take_acks(self) -> list[act.Ack]:
+        """What the consumer greenlet does: take the acks and write them."""
+        self.acks_waiting = False
+        acks = self.router.take_acks()
+        for ack in acks:
+            if ack.generation != self.generation:
+                raise Violation(f"ack {ack} on generation {self.generation}")
+            if (ack.generation, ack.tag) not in self.outstanding:
+                raise Violation(f"ack {ack} names a tag that is not outstanding")
+            if ack.multiple:
+                covered = sorted(
+                    key for key in self.outstanding if key[0] == ack.generation and key[1] <= ack.tag
+                )
+            else:
+                covered = [(ack.generation, ack.tag)]
+            for key in covered:
+                d = self.outstanding[key]
+                if d.id not in self.may_ack:
+                    raise Violation(f"ack {ack} covers {d!r}, whose handler did not return")
+                del self.outstanding[key]
+                self.acked.append(d.id)
+        return acks
+
+    # -- events ----------------------------------------------------------------------------
+
+    def start(self) -> list[act.Action]:
+        return self.feed(self.router.start(self.now))
+
+    def can_arrive(self) -> bool:
+        """The broker's prefetch: never more unacked than --max-cache on this channel."""
+        mine = sum(1 for key in self.outstanding if key[0] == self.generation)
+        return mine < self.settings.max_cache and self.router.phase is not Phase.STOPPED
+
+    def arrive(self, headers: dict[str, Any] | None = None, problem: str | None = None) -> Delivery:
+        self._next_tag += 1
+        self._next_id += 1
+        properties = {"application_headers": headers} if headers else {}
+        d = Delivery(self._next_id, self.generation, self._next_tag, "q", "", "q", False, b"x", properties,
+                     self.now, problem)  # fmt: skip
+        self.outstanding[(d.generation, d.tag)] = d
+        self.feed(self.router.delivery_arrived(d, self.now))
+        return d
+
+    def spawned(self, worker_id: int, pid: int | None = None) -> None:
+        worker = self.workers[worker_id]
+        worker.pid = pid or 1000 + worker_id
+        self.feed(self.router.worker_spawned(worker_id, worker.pid))
+
+    def ready(self, worker_id: int) -> None:
+        worker = self.workers[worker_id]
+        if worker.pid is None:
+            self.spawned(worker_id)
+        worker.ready = True
+        self.feed(self.router.worker_ready(worker_id, self.now))
+
+    def ready_all(self) -> None:
+        for worker in list(self.workers.values()):
+            if not worker.ready:
+                self.ready(worker.worker_id)
+
+    def finish(self, worker_id: int, failure: Failure | None = None) -> Delivery:
+        worker = self.workers[worker_id]
+        d = worker.holding.popleft()
+        self.handled.append(d.id)
+        if failure is None:
+            self.may_ack.add(d.id)
+        self.feed(self.router.worker_result(worker_id, d.id, failure, self.now))
+        return d
+
+    def die(self, worker_id: int, status: int | None = KILLED) -> None:
+        self.workers.pop(worker_id)
+        self.feed(self.router.worker_gone(worker_id, status, self.now))
+
+    def confirm(self, publish_id: int, ok: bool = True) -> None:
+        publish = self.publishes.pop(publish_id)
+        if ok:
+            self.may_ack.add(publish.delivery_id)
+            self.confirmed.append(publish)
+        self.feed(self.router.publish_done(publish_id, ok, "" if ok else "refused", self.now))
+
+    def lose_channel(self) -> None:
+        for key in [key for key in self.outstanding if key[0] == self.generation]:
+            self.redelivered.append(self.outstanding.pop(key).id)
+        self.publishes.clear()  # never confirmed on a lost channel
+        self.feed(self.router.channel_lost(self.now))
+        self.generation += 1
+        self.feed(self.router.channel_opened(self.generation))
+
+    def write_fails(self, worker_id: int) -> None:
+        self.workers[worker_id].holding.clear()  # the frame never arrived whole
+        self.feed(self.router.write_failed(worker_id, self.now))
+
+    def ask_exit(self, worker_id: int) -> None:
+        self.workers[worker_id].exit_asked = True
+        self.feed(self.router.exit_requested(worker_id, "TERM received", self.now))
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock; fire the router's timer if it came due."""
+        self.now += seconds
+        if self.timer is not None and self.timer <= self.now:
+            self.timer = None
+            self.feed(self.router.tick(self.now))
+
+    def tick(self) -> None:
+        self.feed(self.router.tick(self.now))
+
+    # -- views --------------------------------------------------------------------------------
+
+    def tracked_ids(self) -> set[int]:
+        """Deliveries the router still answers for: unsettled, or acked and not taken yet."""
+        waiting = set(self.router._finished)
+        acked_not_taken = {
+            d.id for (g, tag), d in self.outstanding.items() if g == self.generation and tag in waiting
+        }
+        return set(self.router._open) | acked_not_taken
+
+    def holding(self) -> dict[int, list[int]]:
+        return {wid: [d.id for d in w.holding] for wid, w in self.workers.items() if w.holding}
+
+    def live_workers(self) -> list[int]:
+        return sorted(self.workers)
+
+    def settle_everything(self, rounds: int = 200) -> None:
+        """Drive the world to a graceful stop: every handler returns, every publish is
+        confirmed, every stopped or killed worker exits. Used to check nothing was lost."""
+        if self.router.phase in (Phase.STARTING, Phase.RUNNING):
+            self.feed(self.router.stop(self.now))
+        for _ in range(rounds):
+            if self.drained is not None or self.fatal is not None:
+                break
+            self.ready_all()
+            for worker in list(self.workers.values()):
+                if worker.holding and not worker.killed:
+                    self.finish(worker.worker_id)
+            for publish_id in list(self.publishes):
+                self.confirm(publish_id)
+            self.take_acks()
+            for worker in list(self.workers.values()):
+                if worker.stop_sent and not worker.holding:
+                    self.die(worker.worker_id, CLEAN)
+                elif worker.killed:
+                    self.die(worker.worker_id, KILLED)
+            self.advance(1.0)
+        self.take_acks()
