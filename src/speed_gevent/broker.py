@@ -200,7 +200,10 @@ class BrokerSession:
         """Flush the outbox and wait for outstanding confirms (up to `timeout`), then close."""
         self._closing = True
         self._close_deadline = time.monotonic() + timeout
-        self._wake.set()
+        if self._running:
+            self._wake.set()
+        elif not self.closed.is_set():
+            self._shutdown()  # the consumer greenlet never ran (a stop during start)
 
     def _put(self, op: tuple[Any, ...]) -> None:
         self._outbox.append(op)
@@ -210,6 +213,8 @@ class BrokerSession:
 
     def run(self) -> None:
         """Consumer greenlet body. Returns after `close()`; raises ConnectionLost on failure."""
+        if self.closed.is_set():
+            return
         assert self._conn is not None
         amqp_conn = self._conn.connection
         io = gevent.get_hub().loop.io(amqp_conn.sock.fileno(), 1)
@@ -366,6 +371,8 @@ def _as_bytes(body: Any, encoding: Any) -> tuple[bytes, str | None]:
     turned back into bytes as best we can and marked, so it is dead-lettered, not lost."""
     if isinstance(body, bytes):
         return body, None
+    if isinstance(body, str) and not body:
+        return b"", None  # py-amqp's default for a message with no body frame
     if isinstance(body, bytearray | memoryview):
         return bytes(body), None
     if isinstance(body, str):

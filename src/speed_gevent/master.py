@@ -35,8 +35,8 @@ from .delivery import Delivery
 from .errors import ExitCode, FatalError
 from .forkclient import ForkClient
 from .links import WorkerLinks
-from .osproc import set_title
-from .patrol import SpawnGuard, sample_memory
+from .osproc import sample_memory, set_title
+from .patrol import SpawnGuard
 from .policy import failure_from_result
 from .protocol import ResultFrame
 from .router import Phase, Router, RouterSettings
@@ -152,6 +152,9 @@ class Master:
         if not connected or self._done.is_set():
             return
         self._session.declare(settings.queues, settings.queue_type, settings.passive)
+        if self._done.is_set() or self._stop_asked.is_set():
+            self._apply(self._router.stop(time.monotonic()))  # stopped while declaring
+            return
         self._apply(self._router.channel_opened(self._session.generation))
         self._apply(self._router.start(time.monotonic()))
         self._spawn("timer", self._timer_loop)

@@ -1,10 +1,11 @@
-"""Small Linux process helpers: parent-death signal and process titles."""
+"""Small Linux process helpers: parent-death signal, process titles, memory samples."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
+from collections.abc import Iterable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,3 +31,20 @@ def set_title(title: str) -> None:
     except ImportError:  # pragma: no cover
         return
     setproctitle(title)
+
+
+def sample_memory(pids: Iterable[int]) -> dict[int, int]:
+    """Unique memory (USS) per pid, falling back to RSS; vanished pids are left out."""
+    import psutil
+
+    sizes: dict[int, int] = {}
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            try:
+                sizes[pid] = process.memory_full_info().uss
+            except (psutil.AccessDenied, AttributeError):
+                sizes[pid] = process.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return sizes

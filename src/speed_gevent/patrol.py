@@ -1,15 +1,14 @@
 """The patrol's decisions, as pure functions of worker views, `now` and limits.
 
 `plan()` says which workers to spawn or retire on each patrol; `SpawnGuard` stops a
-fork loop when workers cannot boot. The greenlet that samples memory and applies the
-actions lives in `master`; `sample_memory` is the one impure helper here and tolerates
-workers that vanish while being sampled.
+fork loop when workers cannot boot. Sampling memory is the master's job
+(`osproc.sample_memory`); the router applies the plan.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -115,20 +114,3 @@ class SpawnGuard:
         while self._failures and now - self._failures[0] > self.window:
             self._failures.popleft()
         return len(self._failures) >= self.limit
-
-
-def sample_memory(pids: Iterable[int]) -> dict[int, int]:
-    """Unique memory (USS) per pid, falling back to RSS; vanished pids are left out."""
-    import psutil
-
-    sizes: dict[int, int] = {}
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            try:
-                sizes[pid] = process.memory_full_info().uss
-            except (psutil.AccessDenied, AttributeError):
-                sizes[pid] = process.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-            continue
-    return sizes

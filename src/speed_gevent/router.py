@@ -639,8 +639,8 @@ class Router:
         worker.held.clear()
         running = held.pop(0) if held and held[0].started_at is not None else None
         if running is not None:
-            if worker.kill_reason == "stop":
-                self._give_back(running.delivery)
+            if worker.kill_reason == "stop" or self._immediate:
+                self._give_back(running.delivery)  # our own stop: not a failed attempt
             else:
                 self.counters.crashes += 1
                 self.counters.failed += 1
@@ -885,6 +885,9 @@ class Router:
                 for entry in worker.held:
                     self._give_back(entry.delivery)
             self._workers.clear()
+            for republish in self._republishing.values():
+                self._give_back(republish.delivery)
+            self._republishing.clear()
             self._check_drained(now)
             return
         for worker in self._workers.values():

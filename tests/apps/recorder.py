@@ -2,7 +2,8 @@
 
 Bodies are JSON objects with an "id" and optional instructions: "fail" (raise),
 "exit" (os._exit mid-message), "hang" (sleep for an hour), "sleep" (seconds), "reject",
-"leak" (keep 5 MB per message), "retry" (raise Retry on the first attempt). Messages
+"leak" (keep 5 MB per message), "retry" (raise Retry on the first attempt), "corrupt"
+("outcome" or "huge": on the first attempt, write a bad frame to the master ourselves). Messages
 that exit or hang first write a "start" record, so a test can count deliveries that
 never finish.
 One line per handled message, written with O_APPEND so workers never interleave.
@@ -43,6 +44,9 @@ def handle(message) -> None:
         os._exit(9)
     if data.get("leak"):
         _LEAKED.append(b"x" * (5 * 2**20))  # written, so the pages count as unique memory
+    if data.get("corrupt") and message.attempt == 1:
+        _write_bad_frame(data["corrupt"])
+        time.sleep(30)  # the master kills us for it
     if data.get("retry") and message.attempt == 1:
         raise Retry()
     if data.get("reject"):
@@ -59,6 +63,32 @@ def handle(message) -> None:
             "queue": message.queue,
         }
     )
+
+
+def _write_bad_frame(kind: str) -> None:
+    """Write to our own link to the master, as a buggy worker would."""
+    import msgpack
+
+    from speed_gevent.protocol import HEADER, FrameType
+
+    (fd,) = [fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_socket(fd)]
+    if kind == "outcome":  # decodes, but its outcome is not one we know
+        meta = msgpack.packb([0, 99, "", "", "", None])
+        os.write(fd, HEADER.pack(b"SG", 1, FrameType.RESULT, len(meta), 0) + meta)
+    else:  # a header that claims a 100 MiB result
+        os.write(fd, HEADER.pack(b"SG", 1, FrameType.RESULT, 100 * 2**20, 0))
+
+
+def _is_socket(fd: int) -> bool:
+    try:  # the listing's own fd is gone by now
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    except OSError:
+        return False
+
+
+def echo(message) -> None:
+    """Record the exact body bytes, keyed by the message_id property."""
+    _write({"id": message.properties.get("message_id"), "body": message.body.hex(), "pid": os.getpid()})
 
 
 def inspect(message) -> None:

@@ -10,7 +10,6 @@ from speed_gevent.patrol import (
     SpawnGuard,
     WorkerView,
     plan,
-    sample_memory,
     workers_to_spawn,
 )
 
@@ -81,6 +80,8 @@ def test_spawn_guard_trips_on_a_burst_and_forgets_old_failures():
 
 def test_sample_memory_skips_vanished_pids():
     import os
+
+    from speed_gevent.osproc import sample_memory
 
     sizes = sample_memory([os.getpid(), 2**22 + 12345])
     assert list(sizes) == [os.getpid()] and sizes[os.getpid()] > 0

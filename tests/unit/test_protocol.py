@@ -14,6 +14,7 @@ from speed_gevent.protocol import (
     HEADER_SIZE,
     MAGIC,
     MAX_BODY_SIZE,
+    MAX_WORKER_META_SIZE,
     VERSION,
     BootErrorFrame,
     ExitedFrame,
@@ -31,6 +32,7 @@ from speed_gevent.protocol import (
     StopFrame,
     decode,
     encode,
+    encode_meta,
 )
 
 # Every value type py-amqp decodes from an AMQP field table.
@@ -210,3 +212,22 @@ def test_frames_cross_a_real_socketpair():
         while len(out) < len(FRAMES):
             out += decoder.feed(right.recv(7))
     assert out == FRAMES
+
+
+def test_a_result_with_an_unknown_outcome_is_refused():
+    """It would decode, but nothing downstream knows what it means: end that worker."""
+    meta = encode_meta([7, 99, "", "", "", None])
+    with pytest.raises(ProtocolError, match="unknown outcome"):
+        FrameDecoder().feed(HEADER.pack(b"SG", 1, FrameType.RESULT, len(meta), 0) + meta)
+
+
+def test_frames_from_workers_are_capped_at_what_a_result_can_be():
+    worker_side = FrameDecoder(max_meta=MAX_WORKER_META_SIZE, max_body=0)
+    with pytest.raises(ProtocolError, match="oversized"):
+        worker_side.feed(HEADER.pack(b"SG", 1, FrameType.RESULT, MAX_WORKER_META_SIZE + 1, 0))
+    with pytest.raises(ProtocolError, match="oversized"):
+        FrameDecoder(max_meta=MAX_WORKER_META_SIZE, max_body=0).feed(
+            HEADER.pack(b"SG", 1, FrameType.RESULT, 10, 1)
+        )
+    biggest = ResultFrame(1, Outcome.ERROR, "E" * 200, "m" * 2000, "t" * 2000)
+    assert FrameDecoder(max_meta=MAX_WORKER_META_SIZE, max_body=0).feed(encode(biggest)) == [biggest]
