@@ -74,7 +74,11 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class AcksReady:
-    """Finished tags wait: wake the consumer greenlet so it takes and writes them."""
+    """Finished tags wait for the consumer greenlet to take and write them: within a few
+    milliseconds (so several leave as one multiple-ack), or at once when `urgent` (enough
+    are waiting that holding them back would starve the prefetch window)."""
+
+    urgent: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ a worker is marked with its problem for the router to dead-letter.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,9 +30,11 @@ import gevent
 import gevent.event
 from amqp import Message as AmqpMessage
 from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+from amqp.transport import TCPTransport
 from kombu import Connection
 
 from .actions import Ack
+from .amqpframes import split_frames
 from .delivery import Delivery
 from .errors import BrokerError
 from .protocol import MAX_META_SIZE, encode_meta
@@ -42,8 +45,13 @@ logger = logging.getLogger(__name__)
 
 #: Longest wait between connection attempts at start, in seconds.
 MAX_CONNECT_BACKOFF = 30.0
-#: Methods drained from the socket before the outbox gets a turn.
+#: Seconds finished acks may wait for company before they are written.
+ACK_DELAY = 0.002
+#: Methods drained before the outbox gets a turn (TLS connections, read by py-amqp).
 DRAIN_BATCH = 64
+#: Bytes asked of the socket per read, and reads per drain before the outbox gets a turn.
+READ_SIZE = 256 * 1024
+READS_PER_DRAIN = 4
 #: Seconds between heartbeat checks (py-amqp asks for about one a second).
 HEARTBEAT_TICK = 1.0
 #: Header carrying our confirm sequence number, to match basic.return to its publish.
@@ -71,6 +79,7 @@ class BrokerSession:
         self._connect_timeout = connect_timeout
         self._on_delivery = on_delivery
         self._take_acks = take_acks
+        self._ack_timer: Any = None
         self._conn: Connection | None = None
         self._channel: Any = None
         self.generation = 0
@@ -182,8 +191,17 @@ class BrokerSession:
     # -- the outbox: safe to call from any greenlet --------------------------------------
 
     def wake(self) -> None:
-        """Acks wait in the router: take and write them soon."""
+        """Acks wait in the router: take and write them now."""
         self._wake.set()
+
+    def wake_soon(self) -> None:
+        """Acks wait in the router: take them within ACK_DELAY, so that several results
+        finished meanwhile leave as one multiple-ack (any earlier turn takes them too)."""
+        timer = self._ack_timer
+        if timer is None:
+            self._wake.set()
+        elif not timer.active:
+            timer.start(self._wake.set)
 
     def reject(self, delivery: Delivery, requeue: bool = True) -> None:
         self._put(("reject", delivery, requeue))
@@ -217,7 +235,9 @@ class BrokerSession:
             return
         assert self._conn is not None
         amqp_conn = self._conn.connection
-        io = gevent.get_hub().loop.io(amqp_conn.sock.fileno(), 1)
+        loop = gevent.get_hub().loop
+        io = loop.io(amqp_conn.sock.fileno(), 1)
+        self._ack_timer = loop.timer(ACK_DELAY)
         next_heartbeat = time.monotonic() + HEARTBEAT_TICK
         self._running = True
         try:
@@ -249,12 +269,48 @@ class BrokerSession:
         finally:
             self._running = False
             io.close()
+            self._ack_timer.close()
+            self._ack_timer = None
         if self._aborting:
             self._collect()
         else:
             self._shutdown()
 
     def _drain(self, amqp_conn: Any) -> None:
+        """Hand every frame that has arrived to py-amqp, without ever waiting or spinning.
+
+        Plain TCP: read what the socket holds (a few large non-blocking reads at most, so
+        the outbox gets its turn), split it into frames, keep a partial frame in py-amqp's
+        own buffer (py-amqp's synchronous waits, at close, read from there). Nothing a
+        drained frame calls may wait on the connection. TLS falls back to py-amqp's reads.
+        """
+        transport = amqp_conn.transport
+        if not isinstance(transport, TCPTransport):
+            self._drain_slowly(amqp_conn)
+            return
+        fd = transport.sock.fileno()
+        chunks = [transport._read_buffer] if transport._read_buffer else []
+        try:
+            for _ in range(READS_PER_DRAIN):
+                chunk = os.read(fd, READ_SIZE)
+                if not chunk:
+                    raise ConnectionLost("the broker closed the connection")
+                chunks.append(chunk)
+                if len(chunk) < READ_SIZE:
+                    break
+        except BlockingIOError:
+            pass
+        if not chunks:
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        frames, used = split_frames(data)
+        transport._read_buffer = data[used:]
+        on_frame = amqp_conn.on_inbound_frame
+        for frame in frames:
+            on_frame(frame)
+
+    @staticmethod
+    def _drain_slowly(amqp_conn: Any) -> None:
         for _ in range(DRAIN_BATCH):
             try:
                 amqp_conn.drain_events(timeout=0)

@@ -214,7 +214,10 @@ class Master:
         if isinstance(action, act.SendMessage):
             self._links.send_message(action.worker_id, action.delivery)
         elif isinstance(action, act.AcksReady):
-            self._session.wake()
+            if action.urgent:
+                self._session.wake()
+            else:
+                self._session.wake_soon()
         elif isinstance(action, act.Spawn):
             self._links.spawn(action.worker_id)
         elif isinstance(action, act.StopWorker):

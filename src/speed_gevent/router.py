@@ -74,6 +74,8 @@ logger = logging.getLogger("speed_gevent.router")
 
 #: Share of --consumer-timeout a delivery may stay unstarted before it is given back.
 CACHE_AGE_LIMIT = 0.9
+#: Acks wait (a few milliseconds at most) until 1/ACK_BATCH_SHARE of --max-cache is finished.
+ACK_BATCH_SHARE = 4
 #: Seconds workers get to exit after an immediate stop before they are killed, and the
 #: master after that before it stops waiting for their exit reports.
 STOP_GRACE = 5.0
@@ -133,6 +135,8 @@ class Router:
         self._next_publish = 0
         self._tracker = AckTracker()
         self._finished: list[int] = []  # tags of this generation to ack, not taken yet
+        #: finished acks that go out at once rather than after the short ack delay
+        self._ack_batch = max(1, settings.max_cache // ACK_BATCH_SHARE)
         self._stops = 0
         self._immediate = False
         self._drain_deadline: float | None = None
@@ -726,9 +730,12 @@ class Router:
     def _ack(self, delivery: Delivery) -> None:
         del self._open[delivery.id]
         self.counters.acked += 1
-        if not self._finished:
-            self._out.append(AcksReady())
         self._finished.append(delivery.tag)
+        pending = len(self._finished)
+        if pending == 1:
+            self._out.append(AcksReady(urgent=self._ack_batch <= 1))
+        elif pending == self._ack_batch:
+            self._out.append(AcksReady(urgent=True))
 
     def _give_back(self, delivery: Delivery) -> None:
         """Return a delivery unacked (reject with requeue): not a failed attempt."""
