@@ -45,6 +45,14 @@ class KillWorker:
 
 
 @dataclass(frozen=True, slots=True)
+class TermWorker:
+    """SIGTERM the worker: it finishes the message it runs, starts nothing more and asks
+    to exit, so the messages waiting in its window come back at once."""
+
+    worker_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reject:
     """basic.reject on the delivery's channel generation (requeue: give it back)."""
 
@@ -117,6 +125,6 @@ class Fatal:
 
 
 Action = (
-    Spawn | SendMessage | StopWorker | KillWorker | Reject | Publish | AcksReady | CancelConsumers
-    | SetTimer | WorkerExited | Drained | Fatal
+    Spawn | SendMessage | StopWorker | KillWorker | TermWorker | Reject | Publish | AcksReady
+    | CancelConsumers | SetTimer | WorkerExited | Drained | Fatal
 )  # fmt: skip

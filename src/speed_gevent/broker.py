@@ -178,13 +178,16 @@ class BrokerSession:
         info = msg.delivery_info
         self._next_id += 1
         body, problem = _as_bytes(msg.body, msg.properties.get("content_encoding"))
-        delivery = Delivery(
-            self._next_id, self.generation, info["delivery_tag"],
-            self._queue_of.get(info["consumer_tag"], ""), info.get("exchange") or "",
-            info.get("routing_key") or "", bool(info.get("redelivered")), body, msg.properties,
-            time.monotonic(), problem,
-        )  # fmt: skip
-        if problem is None:
+        queue = self._queue_of.get(info["consumer_tag"], "")
+        exchange, routing_key = info.get("exchange") or "", info.get("routing_key") or ""
+        tag, redelivered = info["delivery_tag"], bool(info.get("redelivered"))
+        args = (self._next_id, self.generation, tag, queue, exchange, routing_key, redelivered, body)
+        try:
+            delivery = Delivery(*args, msg.properties, time.monotonic(), problem)
+        except Exception as exc:  # nothing in a message may take the master down
+            why = f"its properties cannot be read ({type(exc).__name__}: {exc})"
+            delivery = Delivery(*args, {}, time.monotonic(), why)
+        if delivery.problem is None:
             delivery.problem = _frame_meta(delivery)
         self._on_delivery(delivery)
 

@@ -80,6 +80,9 @@ def _as_int(value: object, default: int) -> int:
         return default
     if isinstance(value, int):
         return value
-    if isinstance(value, str | bytes) and value.strip().isdigit():
-        return int(value)
+    if isinstance(value, str | bytes):
+        try:  # "²".isdigit() is True, int("²") raises: parse, never trust the look
+            return int(value.strip())
+        except ValueError:
+            return default
     return default

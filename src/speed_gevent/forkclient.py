@@ -97,6 +97,11 @@ class ForkClient:
             raise FatalError(f"fork server exited during start (exit code {code})")
         return decode(data)
 
+    @property
+    def ready(self) -> bool:
+        """It answers spawn requests (started, not lost, not closing)."""
+        return self._ready and not self._closing
+
     def spawn(self, worker_id: int) -> socket.socket:
         """Ask for worker `worker_id`; returns the master's end of its socketpair."""
         if self._ctrl is None or not self._ready or self._closing:

@@ -17,6 +17,7 @@ It dies with the master (PDEATHSIG) and ignores TERM/INT/HUP, which a terminal o
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import select
@@ -36,6 +37,7 @@ from .protocol import (
     decode,
     encode,
 )
+from .worker import run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +101,6 @@ class ForkServer:
         self.ctrl.sendall(encode(SpawnedFrame(worker_id, pid)))
 
     def _become_worker(self, worker_id: int, fd: int) -> None:
-        from .worker import run_worker
-
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.close(self._wake_r)
@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:  # SystemExit or KeyboardInterrupt while importing user code
         ctrl.sendall(encode(BootErrorFrame(f"TARGET {args.target!r}: import raised {exc!r}")))
         return WorkerExit.BOOT_FAILED
+    # Everything a worker runs is imported now, and what exists is moved out of the cyclic
+    # GC's reach: a collection in a worker would otherwise write to (and so copy) every
+    # shared page holding an object header.
+    gc.collect()
+    gc.freeze()
     return ForkServer(ctrl, app, args.name).serve()
 
 

@@ -4,12 +4,17 @@ Spawns through the fork server, reads each worker's socket in its own greenlet, 
 frames, sends signals, and reports what happened as events (`LinkEvents`) for the
 router to decide on. It keeps no message state.
 
-Writes never yield: a frame goes out with one non-blocking `os.write`; what the socket
-does not take at once waits in the link's buffer for a writer greenlet, so frames to one
-worker keep their order and only one greenlet ever writes a socket. A worker is "gone"
-once its exit was reported and its socket hit EOF, so a result written just before it
-exited is never missed (if EOF does not come, the exit report alone ends it after a
-second).
+Writes never yield: frames queue per worker while the master carries out a batch of
+actions, then go out with one non-blocking `os.write` per worker (`flush`); what the
+socket does not take waits for that worker's writer greenlet, so frames to one worker
+keep their order and only one greenlet ever writes a socket. When a write fails, the
+router is told exactly which message frames did not go out whole: those never reached
+the handler, while the ones before them may have (and may be running).
+
+A worker is "gone" once its exit was reported and its socket hit EOF, so a result
+written just before it exited is never missed; if EOF does not come (a grandchild kept
+the socket), the exit report alone ends it after a second, after one last read of
+whatever the socket still holds.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from .protocol import (
     ExitRequestFrame,
     FrameDecoder,
     FrameType,
+    OkFrame,
     ReadyFrame,
     ResultFrame,
     StatsFrame,
@@ -62,29 +68,33 @@ class LinkEvents(Protocol):
     def spawn_failed(self, worker_id: int) -> None: ...
     def spawned(self, worker_id: int, pid: int) -> None: ...
     def ready(self, worker_id: int) -> None: ...
+    def ok(self, worker_id: int, frame: OkFrame) -> None: ...
     def result(self, worker_id: int, frame: ResultFrame) -> None: ...
     def exit_request(self, worker_id: int, reason: str) -> None: ...
     def broken(self, worker_id: int, why: str) -> None: ...
-    def write_failed(self, worker_id: int) -> None: ...
+    def write_failed(self, worker_id: int, undelivered: list[int]) -> None: ...
     def gone(self, worker_id: int, status: int | None) -> None: ...
 
 
 class _Link:
     __slots__ = ("worker_id", "sock", "fd", "pid", "out", "writer", "eof", "exited", "status",
-                 "finished", "failed")  # fmt: skip
+                 "finished", "failed", "dirty", "decoder")  # fmt: skip
 
     def __init__(self, worker_id: int, sock: Any) -> None:
         self.worker_id = worker_id
         self.sock = sock
         self.fd: int = sock.fileno()
         self.pid: int | None = None
-        self.out: list[bytes] = []  # bytes the socket did not take yet, in order
+        #: what the socket has not taken yet, in order: (bytes, delivery id of a message frame)
+        self.out: list[tuple[bytes | memoryview, int | None]] = []
         self.writer: gevent.Greenlet | None = None
         self.eof = False
         self.exited = False
         self.status: int | None = None
         self.finished = False
         self.failed = False  # a write failed: nothing more is written
+        self.dirty = False  # has frames queued for the next flush
+        self.decoder = FrameDecoder(max_meta=MAX_WORKER_META_SIZE, max_body=0)
 
 
 class WorkerLinks:
@@ -95,7 +105,9 @@ class WorkerLinks:
         self._links: dict[int, _Link] = {}
         self._by_pid: dict[int, _Link] = {}
         self._spawns: gevent.queue.Queue[int] = gevent.queue.Queue()
-        self._early: dict[int, str] = {}  # stop/kill asked before the spawn went out
+        self._stop_early: set[int] = set()  # a stop asked before the spawn went out
+        self._kill_early: set[int] = set()  # a kill asked before the pid was known
+        self._dirty: list[_Link] = []  # links with frames queued since the last flush
 
     def __len__(self) -> int:
         return len(self._links)
@@ -116,19 +128,25 @@ class WorkerLinks:
         """Greenlet body: one spawn request at a time to the fork server."""
         while True:
             worker_id = self._spawns.get()
+            fork = self._fork
             try:
-                sock = self._fork.spawn(worker_id)
+                sock = fork.spawn(worker_id)
+                if fork is not self._fork or not fork.ready:
+                    sock.close()  # the fork server died while we asked: its child dies too
+                    raise OSError("the fork server died during the request")
             except OSError as exc:
                 logger.warning("cannot spawn worker %s: the fork server is gone (%s)", worker_id, exc)
-                self._early.pop(worker_id, None)
+                self._stop_early.discard(worker_id)
+                self._kill_early.discard(worker_id)
                 self._events.spawn_failed(worker_id)
                 continue
             link = _Link(worker_id, sock)
             self._links[worker_id] = link
             self._spawn_greenlet(f"reader-{worker_id}", self._read_loop, link)
-            early = self._early.pop(worker_id, None)
-            if early == "stop":
+            if worker_id in self._stop_early:
+                self._stop_early.discard(worker_id)
                 self._write(link, _STOP)
+                self.flush()
 
     def on_spawned(self, worker_id: int, pid: int) -> None:
         link = self._links.get(worker_id)
@@ -137,7 +155,8 @@ class WorkerLinks:
         link.pid = pid
         self._by_pid[pid] = link
         self._events.spawned(worker_id, pid)
-        if self._early.pop(worker_id, None) == "kill":
+        if worker_id in self._kill_early:
+            self._kill_early.discard(worker_id)
             self._signal(link, signal.SIGKILL)
 
     def on_exited(self, pid: int, status: int) -> None:
@@ -171,59 +190,73 @@ class WorkerLinks:
     def send_message(self, worker_id: int, delivery: Delivery) -> None:
         link = self._links.get(worker_id)
         if link is None:
-            self._events.write_failed(worker_id)
+            self._events.write_failed(worker_id, [delivery.id])
             return
         meta = delivery.frame_meta
         body = delivery.body
         head = HEADER.pack(MAGIC, VERSION, FrameType.MESSAGE, len(meta), len(body))
         if len(body) <= COALESCE_BODY:
-            self._write(link, head + meta + body)
-        else:
-            self._write(link, head + meta, body)  # no copy of a large body
+            self._write(link, head + meta + body, delivery.id)
+        else:  # no copy of a large body; the frame is delivered once its last part is
+            self._write(link, head + meta)
+            self._write(link, body, delivery.id)
 
     def send_stop(self, worker_id: int) -> None:
         link = self._links.get(worker_id)
         if link is None:
-            self._early[worker_id] = "stop"
+            self._stop_early.add(worker_id)
         else:
             self._write(link, _STOP)
 
+    def term(self, worker_id: int) -> None:
+        link = self._links.get(worker_id)
+        if link is not None:
+            self._signal(link, signal.SIGTERM)
+
     def kill(self, worker_id: int) -> None:
         link = self._links.get(worker_id)
-        if link is None:
-            self._early[worker_id] = "kill"
-        elif link.pid is None:
-            self._early[worker_id] = "kill"  # on_spawned kills it
+        if link is None or link.pid is None:
+            self._kill_early.add(worker_id)  # on_spawned kills it
         else:
             self._signal(link, signal.SIGKILL)
 
-    def _write(self, link: _Link, data: bytes, more: bytes = b"") -> None:
+    def _write(self, link: _Link, data: bytes, delivery_id: int | None = None) -> None:
+        """Queue a frame (or its last part, for `delivery_id`); `flush()` writes it."""
         if link.failed:
+            if delivery_id is not None:
+                self._events.write_failed(link.worker_id, [delivery_id])
             return
-        if link.out or link.writer is not None:
-            link.out.append(data)
-            if more:
-                link.out.append(more)
-            return
-        try:
-            sent = os.write(link.fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._write_failed(link)
-            return
-        rest = [data[sent:]] if sent < len(data) else []
-        if more:
-            rest.append(more)
-        if rest:
-            link.out.extend(rest)
-            link.writer = self._spawn_greenlet(f"writer-{link.worker_id}", self._write_loop, link)
+        link.out.append((data, delivery_id))
+        if link.writer is None and not link.dirty:
+            link.dirty = True
+            self._dirty.append(link)
+
+    def flush(self) -> None:
+        """Write what each worker got in this batch of actions: one non-blocking write
+        per worker; what the socket does not take goes to that worker's writer greenlet."""
+        dirty, self._dirty = self._dirty, []
+        for link in dirty:
+            link.dirty = False
+            if link.failed or link.writer is not None or not link.out:
+                continue
+            data = link.out[0][0] if len(link.out) == 1 else b"".join(part for part, _ in link.out)
+            try:
+                sent = os.write(link.fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._write_failed(link)
+                continue
+            _consume(link.out, sent)
+            if link.out:
+                link.writer = self._spawn_greenlet(f"writer-{link.worker_id}", self._write_loop, link)
 
     def _write_loop(self, link: _Link) -> None:
+        """Greenlet body: send what the socket did not take, waiting for it to drain."""
         try:
             while link.out and not link.failed:
-                chunks, link.out = link.out, []
-                link.sock.sendall(b"".join(chunks))
+                sent = link.sock.send(link.out[0][0])
+                _consume(link.out, sent)
         except OSError:
             link.writer = None
             self._write_failed(link)
@@ -231,11 +264,13 @@ class WorkerLinks:
         link.writer = None
 
     def _write_failed(self, link: _Link) -> None:
+        """The socket is broken: the message frames not sent whole never reached the worker."""
         if link.failed:
             return
         link.failed = True
+        undelivered = [delivery_id for _, delivery_id in link.out if delivery_id is not None]
         link.out = []
-        self._events.write_failed(link.worker_id)
+        self._events.write_failed(link.worker_id, undelivered)
 
     @staticmethod
     def _signal(link: _Link, signum: int) -> None:
@@ -249,34 +284,40 @@ class WorkerLinks:
     # -- reading ------------------------------------------------------------------------
 
     def _read_loop(self, link: _Link) -> None:
-        decoder = FrameDecoder(max_meta=MAX_WORKER_META_SIZE, max_body=0)
         sock = link.sock
-        events = self._events
-        worker_id = link.worker_id
-        while True:
+        while not link.finished:
             try:
                 data = sock.recv(READ_SIZE)
             except OSError:
                 break
-            if not data:
+            if not data or not self._deliver(link, data):
                 break
-            try:
-                frames = decoder.feed(data)
-            except ProtocolError as exc:
-                events.broken(worker_id, f"sent a bad frame: {exc}")
-                break
-            for frame in frames:
-                if isinstance(frame, ResultFrame):
-                    events.result(worker_id, frame)
-                elif isinstance(frame, ReadyFrame):
-                    events.ready(worker_id)
-                elif isinstance(frame, ExitRequestFrame):
-                    events.exit_request(worker_id, frame.reason)
-                elif not isinstance(frame, StatsFrame):
-                    events.broken(worker_id, f"sent an unexpected {type(frame).__name__}")
         link.eof = True
         if link.exited:
             self._finish(link)
+
+    def _deliver(self, link: _Link, data: bytes) -> bool:
+        """Decode and report frames; False if the worker sent nonsense (it is ended)."""
+        events = self._events
+        worker_id = link.worker_id
+        try:
+            frames = link.decoder.feed(data)
+        except ProtocolError as exc:
+            events.broken(worker_id, f"sent a bad frame: {exc}")
+            return False
+        for frame in frames:
+            if isinstance(frame, OkFrame):
+                events.ok(worker_id, frame)
+            elif isinstance(frame, ResultFrame):
+                events.result(worker_id, frame)
+            elif isinstance(frame, ReadyFrame):
+                events.ready(worker_id)
+            elif isinstance(frame, ExitRequestFrame):
+                events.exit_request(worker_id, frame.reason)
+            elif not isinstance(frame, StatsFrame):
+                events.broken(worker_id, f"sent an unexpected {type(frame).__name__}")
+                return False
+        return True
 
     def _exited(self, link: _Link) -> None:
         link.exited = True
@@ -287,7 +328,19 @@ class WorkerLinks:
 
     def _finish_later(self, link: _Link) -> None:
         gevent.sleep(EOF_GRACE)
+        if not link.finished and not link.eof:
+            self._read_what_is_left(link)
         self._finish(link)
+
+    def _read_what_is_left(self, link: _Link) -> None:
+        """EOF did not come: take whatever results the socket still holds before closing."""
+        try:
+            while True:
+                data = os.read(link.fd, READ_SIZE)
+                if not data or not self._deliver(link, data):
+                    return
+        except OSError:  # BlockingIOError: nothing more; others: the socket is gone
+            return
 
     def _finish(self, link: _Link) -> None:
         if link.finished:
@@ -301,3 +354,15 @@ class WorkerLinks:
         except OSError:
             pass
         self._events.gone(link.worker_id, link.status)
+
+
+def _consume(out: list[tuple[bytes | memoryview, int | None]], sent: int) -> None:
+    """Drop the first `sent` bytes from the queue of parts (keeping part boundaries)."""
+    while sent and out:
+        part, delivery_id = out[0]
+        if sent >= len(part):
+            sent -= len(part)
+            out.pop(0)
+        else:
+            out[0] = (memoryview(part)[sent:], delivery_id)
+            return

@@ -38,7 +38,7 @@ from .links import WorkerLinks
 from .osproc import sample_memory, set_title
 from .patrol import SpawnGuard
 from .policy import failure_from_result
-from .protocol import ResultFrame
+from .protocol import OkFrame, ResultFrame
 from .router import Phase, Router, RouterSettings
 from .signals import SIGNAL_INTENTS, Intent
 from .stats import summary_line
@@ -67,6 +67,8 @@ class Master:
         self._stop_asked = gevent.event.Event()
         self._done = gevent.event.Event()
         self._finishing = False
+        self._failing = False
+        self._started = False
         self._exit_code = ExitCode.OK
         self._callbacks: dict[str, list[Callable[..., Any]]] = {name: [] for name in MASTER_EVENTS}
         self._signal_callbacks: dict[int, list[Callable[..., Any]]] = {}
@@ -130,6 +132,9 @@ class Master:
         """Run until stopped; returns the process exit code. Start errors raise (see cli)."""
         try:
             self._start()
+            self._started = True
+            if self._stop_asked.is_set() and self._router.phase in (Phase.STARTING, Phase.STOPPED):
+                self._close("stopped during start")  # a stop came before consuming began
             self._done.wait()
         finally:
             self._fork.stop(timeout=CLOSE_TIMEOUT)
@@ -152,9 +157,8 @@ class Master:
         if not connected or self._done.is_set():
             return
         self._session.declare(settings.queues, settings.queue_type, settings.passive)
-        if self._done.is_set() or self._stop_asked.is_set():
-            self._apply(self._router.stop(time.monotonic()))  # stopped while declaring
-            return
+        if self._stop_asked.is_set():
+            return  # stopped while declaring
         self._apply(self._router.channel_opened(self._session.generation))
         self._apply(self._router.start(time.monotonic()))
         self._spawn("timer", self._timer_loop)
@@ -206,7 +210,9 @@ class Master:
         self._applying = True
         try:
             while self._pending:
-                self._do(self._pending.popleft())
+                while self._pending:
+                    self._do(self._pending.popleft())
+                self._links.flush()  # one write per worker; a failed one queues more actions
         finally:
             self._applying = False
 
@@ -224,6 +230,8 @@ class Master:
             self._links.send_stop(action.worker_id)
         elif isinstance(action, act.KillWorker):
             self._links.kill(action.worker_id)
+        elif isinstance(action, act.TermWorker):
+            self._links.term(action.worker_id)
         elif isinstance(action, act.Reject):
             self._session.reject(action.delivery, requeue=action.requeue)
         elif isinstance(action, act.Publish):
@@ -238,7 +246,9 @@ class Master:
         elif isinstance(action, act.WorkerExited):
             self._intents.put(_Call(self._fire, ("worker_exit", action.pid, action.reason), "worker_exit"))
         elif isinstance(action, act.Drained):
-            self._spawn("closer", self._close, action.how)
+            if self._started:
+                self._spawn("closer", self._close, action.how)
+            # else: _start is still running and closes up itself when it sees the stop
         elif isinstance(action, act.Fatal):
             self._fatal(action.reason)
 
@@ -272,6 +282,7 @@ class Master:
                 continue
             self._timer_at = None
             self._apply(self._router.tick(time.monotonic()))
+            gevent.sleep(0)  # even a timer set in the past never starves the other greenlets
 
     def _patrol_loop(self) -> None:
         while True:
@@ -347,18 +358,25 @@ class Master:
         self._finish(how, ExitCode.OK)
 
     def _fatal(self, reason: str) -> None:
-        if self._finishing:
+        """Stop everything at once: drop the connection (nothing more is acked), kill the
+        workers; the user's `error` callbacks run afterwards in their own greenlet, since
+        they may yield and this may run inside `_apply` or in a hub callback."""
+        if self._finishing or self._failing:
             return
+        self._failing = True
         logger.error("fatal: %s", reason)
-        self._fire("error", FatalError(reason))
+        self._session.abort()
         for wid in list(self._links.pids()):
             self._links.kill(wid)
-        self._session.abort()
+        self._spawn("fatal", self._fatal_end, reason)
+
+    def _fatal_end(self, reason: str) -> None:
+        self._fire("error", FatalError(reason))
         self._finish("fatal error", ExitCode.FATAL)
 
     def _finish(self, how: str, code: ExitCode) -> None:
-        if self._finishing:
-            return
+        if self._finishing or (self._failing and code is ExitCode.OK):
+            return  # a fatal error finishes with its own exit code
         self._finishing = True
         self._fork.stop(timeout=CLOSE_TIMEOUT)
         logger.info("%s", summary_line(self._router.counters, time.monotonic() - self._started_at, how))
@@ -412,9 +430,18 @@ class _LinkEvents:
     def ready(self, worker_id: int) -> None:
         self._apply(self._router.worker_ready(worker_id, time.monotonic()))
 
+    def ok(self, worker_id: int, frame: OkFrame) -> None:
+        now = time.monotonic()
+        self._apply(
+            self._router.worker_result(worker_id, frame.id, None, now, frame.started_at, frame.finished_at)
+        )
+
     def result(self, worker_id: int, frame: ResultFrame) -> None:
         failure = failure_from_result(frame.outcome, frame.error_type, frame.error_message, frame.traceback)
-        self._apply(self._router.worker_result(worker_id, frame.id, failure, time.monotonic()))
+        now = time.monotonic()
+        self._apply(
+            self._router.worker_result(worker_id, frame.id, failure, now, frame.started_at, frame.finished_at)
+        )
 
     def exit_request(self, worker_id: int, reason: str) -> None:
         self._apply(self._router.exit_requested(worker_id, reason, time.monotonic()))
@@ -422,8 +449,8 @@ class _LinkEvents:
     def broken(self, worker_id: int, why: str) -> None:
         self._apply(self._router.worker_broken(worker_id, why, time.monotonic()))
 
-    def write_failed(self, worker_id: int) -> None:
-        self._apply(self._router.write_failed(worker_id, time.monotonic()))
+    def write_failed(self, worker_id: int, undelivered: list[int]) -> None:
+        self._apply(self._router.write_failed(worker_id, undelivered, time.monotonic()))
 
     def gone(self, worker_id: int, status: int | None) -> None:
         self._apply(self._router.worker_gone(worker_id, status, time.monotonic()))

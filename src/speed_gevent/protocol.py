@@ -52,6 +52,7 @@ class FrameType(IntEnum):
     STATS = 4
     EXIT_REQUEST = 5
     STOP = 6
+    RESULT_OK = 7
     # fork server control channel
     SPAWN = 10
     SPAWNED = 11
@@ -104,6 +105,31 @@ class ResultFrame(Frame):
     error_message: str = ""
     traceback: str = ""
     retry_delay: float | None = None
+    started_at: float = 0.0  #: monotonic clock, as in OkFrame
+    finished_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OkFrame(Frame):
+    """The handler returned: the hot path's result, a fixed struct (no msgpack), with the
+    handler's start and end on the system-wide monotonic clock (`time.monotonic()`)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.RESULT_OK
+    id: int
+    started_at: float
+    finished_at: float
+
+    def to_meta(self) -> Any:
+        return OK_STRUCT.pack(self.id, self.started_at, self.finished_at)
+
+
+#: id, started_at, finished_at of an OkFrame.
+OK_STRUCT = struct.Struct("!Qdd")
+
+
+def encode_ok(delivery_id: int, started_at: float, finished_at: float) -> bytes:
+    """An OkFrame's bytes, without building the frame object."""
+    return _OK_HEAD + OK_STRUCT.pack(delivery_id, started_at, finished_at)
 
 
 @dataclass(frozen=True)
@@ -180,7 +206,10 @@ _INT = (int,)
 _STR = (str,)
 _SHAPES: dict[int, _Shape] = {
     FrameType.MESSAGE: _Shape(MessageFrame, (_INT, (dict,))),
-    FrameType.RESULT: _Shape(ResultFrame, (_INT, _INT, _STR, _STR, _STR, (float, int, type(None)))),
+    FrameType.RESULT: _Shape(
+        ResultFrame, (_INT, _INT, _STR, _STR, _STR, (float, int, type(None)), (float, int), (float, int))
+    ),
+    FrameType.RESULT_OK: _Shape(OkFrame, ()),
     FrameType.READY: _Shape(ReadyFrame, (_INT,)),
     FrameType.STATS: _Shape(StatsFrame, (_INT, _INT, _INT)),
     FrameType.EXIT_REQUEST: _Shape(ExitRequestFrame, (_STR,)),
@@ -191,6 +220,9 @@ _SHAPES: dict[int, _Shape] = {
     FrameType.BOOT_ERROR: _Shape(BootErrorFrame, (_STR,)),
     FrameType.SERVER_READY: _Shape(ServerReadyFrame, (_INT,)),
 }
+
+
+_OK_HEAD = HEADER.pack(MAGIC, VERSION, FrameType.RESULT_OK, OK_STRUCT.size, 0)
 
 
 def _ext_default(value: Any) -> Any:
@@ -227,7 +259,8 @@ def encode_parts(frame: Frame, meta: bytes | None = None) -> tuple[bytes, bytes]
     `meta` may carry the frame's metadata already encoded (the master encodes it once).
     """
     if meta is None:
-        meta = encode_meta(frame.to_meta())
+        raw = frame.to_meta()
+        meta = raw if isinstance(raw, bytes) else encode_meta(raw)
     body = frame.payload_body
     if len(meta) > MAX_META_SIZE or len(body) > MAX_BODY_SIZE:
         raise ProtocolError(f"frame too large: meta {len(meta)} bytes, body {len(body)} bytes")
@@ -258,6 +291,10 @@ def _check_header(
 
 
 def _build(frame_type: int, meta: bytes | memoryview, body: bytes) -> Frame:
+    if frame_type == FrameType.RESULT_OK:
+        if len(meta) != OK_STRUCT.size or body:
+            raise ProtocolError(f"corrupt OkFrame: {len(meta)} metadata bytes, {len(body)} body bytes")
+        return OkFrame(*OK_STRUCT.unpack(meta))
     shape = _SHAPES[frame_type]
     try:
         values = msgpack.unpackb(meta, ext_hook=_ext_hook, raw=False, strict_map_key=False)

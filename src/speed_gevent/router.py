@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -48,6 +49,7 @@ from .actions import (
     SetTimer,
     Spawn,
     StopWorker,
+    TermWorker,
     WorkerExited,
 )
 from .cache import MessageCache
@@ -76,6 +78,13 @@ logger = logging.getLogger("speed_gevent.router")
 CACHE_AGE_LIMIT = 0.9
 #: Acks wait (a few milliseconds at most) until 1/ACK_BATCH_SHARE of --max-cache is finished.
 ACK_BATCH_SHARE = 4
+#: Window per worker: while no worker is idle, a worker may hold this many messages, so it
+#: never waits a round trip for its next one: enough to cover WINDOW_BUDGET seconds of its
+#: handler time (at least 2, at most MAX_WINDOW, and never more than its share of the cache).
+WINDOW_BUDGET = 0.002
+MAX_WINDOW = 8
+#: Weight of the newest handler time in the running average the window follows.
+HANDLER_TIME_WEIGHT = 0.2
 #: Seconds workers get to exit after an immediate stop before they are killed, and the
 #: master after that before it stops waiting for their exit reports.
 STOP_GRACE = 5.0
@@ -141,12 +150,14 @@ class Router:
         self._immediate = False
         self._drain_deadline: float | None = None
         self._kill_deadline: float | None = None
+        self._stragglers_killed = False
         self._timer_at: float | None = None
         self._last_delivery_at = now
         self._replace_queue: list[int] = []
         self._replacement: int | None = None  # the new worker a rolling restart waits for
         self._replaced: int | None = None  # the old worker it takes over from
         self._out: list[Action] = []
+        self._handler_time: float | None = None  # running average, seconds
 
     # -- views --------------------------------------------------------------------------
 
@@ -329,9 +340,17 @@ class Router:
         return self._emit()
 
     def worker_result(
-        self, worker_id: int, delivery_id: int, failure: Failure | None, now: float
+        self,
+        worker_id: int,
+        delivery_id: int,
+        failure: Failure | None,
+        now: float,
+        started_at: float | None = None,
+        finished_at: float | None = None,
     ) -> list[Action]:
-        """The worker's handler finished a message (`failure` None: it returned)."""
+        """The worker's handler finished a message (`failure` None: it returned). The
+        worker reports when its handler started and ended (the monotonic clock is
+        system-wide); it starts the next message in its window at `finished_at`."""
         worker = self._workers.get(worker_id)
         if worker is None:
             return self._emit()
@@ -352,8 +371,15 @@ class Router:
             worker.failed += 1
             counters.failed += 1
         self._settle(delivery, failure)
+        limit = self.settings.max_messages
+        if limit and worker.handled >= limit and worker.is_active:
+            detail = f"{worker.handled} messages"
+            self._retire(worker, RetireReason.MAX_MESSAGES.value, counted=True, detail=detail)
+        if started_at is not None and finished_at is not None and finished_at >= started_at:
+            self._learn_handler_time(finished_at - started_at)
         if worker.held:
-            worker.held[0].started_at = now  # the next one in its window starts now
+            next_start = finished_at if finished_at is not None and finished_at <= now else now
+            worker.held[0].started_at = next_start  # the worker went straight on to it
         else:
             self._after_last(worker, now)
         self._dispatch(now)
@@ -369,18 +395,24 @@ class Router:
             self._kill(worker, "protocol error")
         return self._emit()
 
-    def write_failed(self, worker_id: int, now: float) -> list[Action]:
-        """A frame could not be written: the worker's socket is gone. A message frame that
-        did not go out whole never reached the handler: it goes back, uncounted."""
+    def write_failed(self, worker_id: int, undelivered: Collection[int], now: float) -> list[Action]:
+        """A write to the worker failed: its socket is gone, so it is dying or dead. The
+        message frames that did not go out whole (`undelivered`, always the newest) never
+        reached it and go back uncounted; the ones before them may be running, and follow
+        the crash rule when the worker is gone."""
         worker = self._workers.get(worker_id)
         if worker is None:
             return self._emit()
-        logger.warning("worker %s (pid %s): write failed; its messages go back", worker_id, worker.pid)
+        logger.warning("worker %s (pid %s): write failed; ending it", worker_id, worker.pid)
         self._withdraw(worker)
-        self._requeue_unstarted(list(worker.held), now)
+        lost = set(undelivered)
+        self._requeue_unstarted([e for e in worker.held if e.delivery.id in lost], now)
+        kept = [e for e in worker.held if e.delivery.id not in lost]
         worker.held.clear()
+        worker.held.extend(kept)
         self._kill(worker, "write failed")
         self._dispatch(now)
+        self._check_drained(now)
         return self._emit()
 
     def exit_requested(self, worker_id: int, reason: str, now: float) -> list[Action]:
@@ -388,9 +420,16 @@ class Router:
         worker = self._workers.get(worker_id)
         if worker is not None and worker.state is not WorkerState.STOPPING:
             logger.info("worker %s (pid %s) asks to exit (%s)", worker_id, worker.pid, reason)
-            self._retire(worker, reason, counted=False)
-            self._refill(now)
-            self._dispatch(now)
+            # It finished what it started and starts nothing more: what it holds comes back.
+            self._requeue_unstarted(list(worker.held), now)
+            worker.held.clear()
+            worker.retire_reason = worker.retire_reason or reason
+            self._stop_worker(worker)
+            self._expire_cache(now)
+            if self.phase is Phase.RUNNING:
+                self._refill(now)
+                self._dispatch(now)
+            self._check_drained(now)
         return self._emit()
 
     def worker_gone(self, worker_id: int, status: int | None, now: float) -> list[Action]:
@@ -424,7 +463,7 @@ class Router:
             self._abort_replace(f"the replacement worker {how} before it was ready")
         elif worker_id == self._replaced and self._replacement is None:
             self._replace_next(now)
-        if not worker.booted and not worker.stop_sent and self.phase is Phase.RUNNING:
+        if not worker.booted and not worker.stop_sent and status is not None and self.phase is Phase.RUNNING:
             self.guard.failed(now, how)
             if self.guard.tripped(now):
                 self._fatal(
@@ -538,8 +577,10 @@ class Router:
             self._out.append(SetTimer(at))
 
     def _dispatch(self, now: float) -> None:
+        """Idle workers first (most recently idle on top); only when none is idle do the
+        windows of busy workers fill, the emptiest first."""
         cache, idle = self._cache, self._idle
-        if self.phase is not Phase.RUNNING:
+        if self.phase is not Phase.RUNNING or not cache:
             return
         timeout = self.settings.timeout
         while cache and idle:
@@ -553,11 +594,59 @@ class Router:
                 self._arm(now + timeout)
         if cache:
             self._scale_up(now)
+        if cache:
+            self._fill_windows()
+
+    def _window(self, busy: int) -> int:
+        """How many messages a busy worker may hold."""
+        handler_time = self._handler_time
+        if handler_time is None:
+            wanted = 2
+        elif handler_time * 10 >= self.settings.consumer_timeout:
+            wanted = 1  # a message must not wait behind a handler that long (consumer timeout)
+        else:
+            wanted = 1 + math.ceil(WINDOW_BUDGET / max(handler_time, 1e-6))
+        share = self.settings.max_cache // max(1, busy)
+        return max(1, min(wanted, MAX_WINDOW, share))
+
+    def _fill_windows(self) -> None:
+        """Only at the pool's ceiling with nothing booting: while the pool can grow, waiting
+        messages stay in the cache for the new workers instead of behind a busy one."""
+        busy = []
+        active = 0
+        for worker in self._workers.values():
+            if worker.state is WorkerState.BOOTING:
+                return
+            if worker.is_active:
+                active += 1
+                if worker.state is WorkerState.BUSY:
+                    busy.append(worker)
+        if not busy or active < self.max_workers:
+            return
+        window = self._window(len(busy))
+        cache = self._cache
+        while cache:
+            worker = min(busy, key=lambda w: len(w.held))
+            if len(worker.held) >= window:
+                return
+            delivery = cache.take()
+            assert delivery is not None
+            worker.held.append(InFlight(delivery, None))
+            self._out.append(SendMessage(worker.worker_id, delivery))
+
+    def _learn_handler_time(self, seconds: float) -> None:
+        average = self._handler_time
+        self._handler_time = (
+            seconds if average is None else average + HANDLER_TIME_WEIGHT * (seconds - average)
+        )
 
     def _scale_up(self, now: float) -> None:
+        if len(self._workers) >= self.max_workers and all(w.is_active for w in self._workers.values()):
+            return  # the common case under load: at the ceiling already
         active = [w for w in self._workers.values() if w.is_active]
         booting = sum(1 for w in active if w.state is WorkerState.BOOTING)
-        count = workers_to_spawn(len(self._cache), len(self._idle), booting, len(active), self.max_workers)
+        backlog = len(self._cache)
+        count = workers_to_spawn(backlog, len(self._idle), booting, len(active), self.max_workers)
         for _ in range(count):
             self._spawn(now)
 
@@ -574,15 +663,10 @@ class Router:
         return worker_id
 
     def _after_last(self, worker: WorkerSlot, now: float) -> None:
-        """The worker holds nothing any more: idle again, recycled, or stopped."""
-        limit = self.settings.max_messages
+        """The worker holds nothing any more: idle again, or stopped."""
         if worker.state is WorkerState.BUSY:
             if self.phase is not Phase.RUNNING:
                 self._stop_worker(worker)
-            elif limit and worker.handled >= limit:
-                self._retire(
-                    worker, RetireReason.MAX_MESSAGES.value, counted=True, detail=f"{worker.handled} messages"
-                )
             else:
                 worker.state = WorkerState.IDLE
                 self._idle.append(worker.worker_id)
@@ -613,6 +697,8 @@ class Router:
             )
         if not worker.held:
             self._stop_worker(worker)
+        elif len(worker.held) > 1:
+            self._out.append(TermWorker(worker.worker_id))  # its window comes back at once
 
     def _stop_worker(self, worker: WorkerSlot) -> None:
         assert not worker.held, f"{worker!r}: cannot stop a worker holding messages"
@@ -798,8 +884,19 @@ class Router:
 
     def _expire_cache(self, now: float) -> None:
         """RabbitMQ closes the channel when a delivery stays unacked past its consumer
-        timeout: give back what waited too long so another consumer can take it."""
-        for delivery in self._cache.expire(now - self._cache_age_limit()):
+        timeout: give back what waited too long so another consumer can take it. One that
+        waits unstarted in a worker's window comes back through TERM (the worker finishes
+        its current message, starts nothing more, and asks to exit)."""
+        limit = now - self._cache_age_limit()
+        for worker in self._workers.values():
+            held = worker.held
+            if len(held) > 1 and held[1].delivery.received_at < limit and worker.state is WorkerState.BUSY:
+                logger.warning(
+                    "worker %s (pid %s): delivery %s waited in its window near the consumer timeout; "
+                    "taking its window back", worker.worker_id, worker.pid, held[1].delivery.id,
+                )  # fmt: skip
+                self._retire(worker, "window near the consumer timeout", counted=True)
+        for delivery in self._cache.expire(limit):
             logger.warning(
                 "delivery %s waited %.0fs in the cache; giving it back before the broker's consumer timeout",
                 delivery.id,
@@ -825,9 +922,14 @@ class Router:
                 running = worker.running
                 if running is not None and worker.kill_reason is None and running.started_at is not None:
                     times.append(running.started_at + timeout)
-        if self._cache:
-            oldest = min(d.received_at for d in self._cache.peek_all())
-            times.append(oldest + self._cache_age_limit())
+        waiting = [d.received_at for d in self._cache.peek_all()]
+        waiting += [
+            w.held[1].delivery.received_at
+            for w in self._workers.values()
+            if len(w.held) > 1 and w.state is WorkerState.BUSY
+        ]
+        if waiting:
+            times.append(min(waiting) + self._cache_age_limit())
         if self.phase is Phase.DRAINING:
             if not self._immediate and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
@@ -858,6 +960,8 @@ class Router:
                 self._stop_worker(worker)
             else:
                 self._withdraw(worker)
+                if len(worker.held) > 1:
+                    self._out.append(TermWorker(worker.worker_id))  # its window comes back at once
         self._drain_deadline = now + self.settings.graceful_timeout
         self._arm(self._drain_deadline)
         self._check_drained(now)
@@ -885,8 +989,7 @@ class Router:
     def _kill_stragglers(self, now: float) -> None:
         """Workers that did not exit within STOP_GRACE are killed; after another STOP_GRACE
         without their exit reports, the master stops waiting for them."""
-        assert self._kill_deadline is not None
-        if now >= self._kill_deadline + STOP_GRACE:
+        if self._stragglers_killed:
             logger.warning("%d workers did not report their exit; stopping anyway", len(self._workers))
             for worker in self._workers.values():
                 for entry in worker.held:
@@ -895,12 +998,14 @@ class Router:
             for republish in self._republishing.values():
                 self._give_back(republish.delivery)
             self._republishing.clear()
+            self._kill_deadline = None
             self._check_drained(now)
             return
+        self._stragglers_killed = True
         for worker in self._workers.values():
             if worker.kill_reason is None:
                 self._kill(worker, "stop")
-        self._arm(self._kill_deadline + STOP_GRACE)
+        self._kill_deadline = now + STOP_GRACE  # the deadline moves on: never armed in the past
 
     def _check_drained(self, now: float) -> None:
         if self.phase is not Phase.DRAINING or self._workers or self._republishing:

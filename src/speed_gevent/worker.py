@@ -1,10 +1,13 @@
 """The worker process: plain, unpatched Python that runs the handler.
 
 Forked by the fork server. It reads MessageFrames from its socketpair end, runs the
-handler, writes ResultFrames, and exits on StopFrame or EOF. It holds no fd but that
+handler on each in order, writes each result as its handler returns (an OkFrame of a few
+bytes with the handler's start and end, or a ResultFrame with the error), and exits on
+StopFrame or EOF. It holds no fd but that
 socket and stdio. Signals: INT and HUP are ignored (the master decides); TERM means
 "finish the current message, then leave", done through an ExitRequest handshake so the
-master never writes a message to a worker that is exiting.
+master never writes a message to a worker that is exiting: after an ExitRequest the
+worker starts nothing more, and the master takes back what it sent and was not started.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import os
 import signal
 import socket
 import sys
+import time
 import traceback
+from collections import deque
+from dataclasses import replace
 from typing import NoReturn
 
 from .app import App
@@ -30,16 +36,19 @@ from .protocol import (
     ResultFrame,
     StopFrame,
     encode,
+    encode_ok,
 )
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between checks of the stop flag and the parent while no frame arrives.
-POLL_INTERVAL = 1.0
 #: Bytes read from the socket at once.
 READ_SIZE = 256 * 1024
 #: Longest traceback text sent back, in characters.
 TRACEBACK_LIMIT = 2000
+
+
+class _Wakeup(Exception):
+    """Raised by the TERM handler to leave an idle wait (never while a byte is at stake)."""
 
 
 class Worker:
@@ -56,60 +65,100 @@ class Worker:
         self._exit_reason: str | None = None
         self._exit_requested = False
         self._stopping = False
+        self._idle = False  # blocked in the idle wait: a TERM may interrupt it
+        self._state = ""
 
     def stop(self, reason: str = "requested") -> None:
         """Leave after the current message (through the master's handshake)."""
         self._exit_reason = reason
+        if self._idle:
+            raise _Wakeup()
 
     def title(self, state: str) -> None:
         set_title(f"speed-gevent: worker {self.id} {state}")
 
+    def _set_state(self, state: str) -> None:
+        """The process title follows idle/busy/retiring/stopping, not each message."""
+        if state != self._state:
+            self._state = state
+            self.title(state)
+
     # -- the loop -------------------------------------------------------------------
+    #
+    # While frames wait, reads are non-blocking (one recv_into a reused buffer per batch).
+    # With nothing to do, the worker blocks in a MSG_PEEK of one byte: the peek consumes
+    # nothing, so a TERM handler may raise out of it without losing a byte of the stream.
 
     def serve(self) -> WorkerExit:
-        self._sock.sendall(encode(ReadyFrame(self.pid)))
+        sock = self._sock
+        sock.sendall(encode(ReadyFrame(self.pid)))
         decoder = FrameDecoder()
-        self.title("idle")
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
+        pending: deque[object] = deque()
+        self._set_state("idle")
         while not self._stopping:
-            try:
-                data = self._sock.recv(READ_SIZE)
-            except TimeoutError:
-                if os.getppid() != self._parent_pid:
-                    return WorkerExit.PARENT_GONE
-                self._between_frames()
+            if pending:
+                self._handle_frame(pending.popleft())
                 continue
-            if not data:
+            try:
+                size = sock.recv_into(buffer, READ_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self._between_frames()
+                if not self._stopping:
+                    self._set_state("retiring" if self._exit_requested else "idle")
+                    self._wait_for_data()
+                continue
+            if not size:
                 self.app.emit("disconnect", self)
                 return WorkerExit.OK
-            for frame in decoder.feed(data):
-                self._handle_frame(frame)
-            self._between_frames()
+            pending.extend(decoder.feed(view[:size]))
         return WorkerExit.OK
+
+    def _wait_for_data(self) -> None:
+        try:
+            self._idle = True
+            try:
+                if self._exit_reason is None or self._exit_requested:
+                    self._sock.recv(1, socket.MSG_PEEK)
+            finally:
+                self._idle = False
+        except _Wakeup:
+            pass
 
     def _between_frames(self) -> None:
         if self._exit_reason and not self._exit_requested:
             self._exit_requested = True
-            self.title("retiring")
+            self._set_state("retiring")
             self._sock.sendall(encode(ExitRequestFrame(self._exit_reason)))
 
     def _handle_frame(self, frame: object) -> None:
         if isinstance(frame, MessageFrame):
-            self._sock.sendall(encode(self._run(frame)))
+            if self._exit_reason is not None:
+                # Asked to leave: start nothing more. The master hands back whatever it
+                # sent us that we did not start (ExitRequest says we started nothing else).
+                self._between_frames()
+                return
+            self._sock.sendall(self._run(frame))
         elif isinstance(frame, StopFrame):
             self._stopping = True
-            self.title("stopping")
+            self._set_state("stopping")
         else:
             raise ProtocolError(f"unexpected frame {type(frame).__name__} from the master")
 
-    def _run(self, frame: MessageFrame) -> ResultFrame:
+    def _run(self, frame: MessageFrame) -> bytes:
+        started = time.monotonic()
         message = Message(frame.body, frame.meta)
-        self.title(f"busy {message.queue}")
+        if self._state != "busy":
+            self._state = "busy"
+            self.title(f"busy {message.queue}")
         handler = self.app.message_handler
         assert handler is not None
         try:
             self.app.emit("message", self, message)
             handler(message)
-            result = ResultFrame(frame.id, Outcome.OK)
+            self.handled += 1
+            return encode_ok(frame.id, started, time.monotonic())
         except Retry as exc:
             result = ResultFrame(frame.id, Outcome.RETRY, "Retry", str(exc), retry_delay=exc.delay)
         except Reject as exc:
@@ -124,8 +173,7 @@ class Worker:
                 traceback.format_exc(limit=8)[-TRACEBACK_LIMIT:],
             )
         self.handled += 1
-        self.title("retiring" if self._exit_requested else "idle")
-        return result
+        return encode(replace(result, started_at=started, finished_at=time.monotonic()))
 
 
 def _safe_str(exc: BaseException) -> str:
@@ -163,8 +211,8 @@ def run_worker(sock: socket.socket, app: App, worker_id: int, name: str, parent_
         if not die_with_parent(parent_pid):
             os._exit(WorkerExit.PARENT_GONE)
         # The fd came from the gevent master, where it is non-blocking at the OS level.
+        # Blocking, with no per-call timeout: the parent's death arrives as PDEATHSIG or EOF.
         sock.setblocking(True)
-        sock.settimeout(POLL_INTERVAL)
         worker = Worker(worker_id, name, app, sock, parent_pid)
         _install_signals(worker)
         worker.title("starting")

@@ -20,9 +20,9 @@ from speed_gevent.protocol import (
     ExitRequestFrame,
     FrameDecoder,
     MessageFrame,
+    OkFrame,
     Outcome,
     ReadyFrame,
-    ResultFrame,
     ServerReadyFrame,
     SpawnedFrame,
     SpawnFrame,
@@ -119,8 +119,12 @@ def message(i: int, body: dict) -> MessageFrame:
 def test_worker_runs_the_handler_and_reports_results(server, tmp_path):
     pid, conn = server.spawn()
     conn.sendall(encode(message(1, {"id": 1})) + encode(message(2, {"id": 2, "fail": True})))
+    before = time.monotonic()
     ok, failed = read_frames(conn, 2)
-    assert ok == ResultFrame(1, Outcome.OK)
+    assert isinstance(ok, OkFrame) and ok.id == 1
+    assert ok.started_at <= ok.finished_at <= time.monotonic(), "the worker's times are on our clock"
+    assert failed.started_at >= ok.finished_at and failed.finished_at >= failed.started_at
+    assert before - 5 < ok.started_at
     assert failed.id == 2 and failed.outcome == Outcome.ERROR
     assert failed.error_type == "ValueError" and failed.error_message == "boom 2"
     assert "Traceback" in failed.traceback and "boom 2" in failed.traceback
@@ -160,7 +164,8 @@ def test_int_and_hup_are_ignored_by_workers(server):
     os.kill(pid, signal.SIGINT)
     os.kill(pid, signal.SIGHUP)
     conn.sendall(encode(message(1, {"id": 1})))
-    assert read_frames(conn, 1) == [ResultFrame(1, Outcome.OK)]
+    (result,) = read_frames(conn, 1)
+    assert isinstance(result, OkFrame) and result.id == 1
 
 
 def test_corrupt_frame_ends_the_worker_not_the_server(server):
@@ -240,3 +245,31 @@ def test_failing_start_event_means_boot_failure():
         assert exited.pid == spawned.pid and os.WEXITSTATUS(exited.status) == WorkerExit.BOOT_FAILED
     finally:
         harness.close()
+
+
+def test_a_window_runs_in_order_and_term_hands_back_what_was_not_started(server, tmp_path):
+    """Several messages in one write run in order, one result each; a TERM during the
+    first means: finish it, ask to exit, start nothing more."""
+    pid, conn = server.spawn()
+    conn.sendall(b"".join(encode(message(i, {"id": i, "sleep": 0.3 if i == 1 else 0})) for i in (1, 2, 3)))
+    time.sleep(0.1)  # the first handler is running
+    os.kill(pid, signal.SIGTERM)
+    first, request = read_frames(conn, 2)
+    assert isinstance(first, OkFrame) and first.id == 1
+    assert request == ExitRequestFrame("TERM received")
+    conn.sendall(encode(StopFrame()))
+    exited = server.next_exit()
+    assert exited.pid == pid and os.WEXITSTATUS(exited.status) == 0
+
+
+def test_an_idle_worker_sleeps_in_the_kernel_not_in_a_poll_loop(server):
+    """No per-call timeout: an idle worker makes no system calls at all."""
+    import psutil
+
+    pid, conn = server.spawn()
+    conn.sendall(encode(message(1, {"id": 1})))
+    read_frames(conn, 1)
+    process = psutil.Process(pid)
+    before = process.num_ctx_switches().voluntary
+    time.sleep(1.5)
+    assert process.num_ctx_switches().voluntary - before <= 1

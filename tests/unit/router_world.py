@@ -7,8 +7,9 @@ Used by the router's scenario tests and by its property test. The checks raise
   it unacked, and only on the channel generation it came from;
 - an ack (single or multiple) covers only deliveries whose handler returned, or whose
   republish the broker confirmed;
-- nothing is sent to a worker that is not ready, was told to stop, was killed or asked
-  to exit; a worker holds one message at a time (the window is one today);
+- nothing is sent to a worker that is not ready, was told to stop or to leave (TERM),
+  was killed or asked to exit; a worker gets a second message only while no worker is
+  idle, and never more than MAX_WINDOW;
 - a StopFrame goes only to a worker that holds nothing;
 - the cache never holds more than --max-cache.
 """
@@ -22,7 +23,7 @@ from typing import Any
 from speed_gevent import actions as act
 from speed_gevent.delivery import Delivery
 from speed_gevent.policy import Failure
-from speed_gevent.router import Phase, Router, RouterSettings
+from speed_gevent.router import MAX_WINDOW, Phase, Router, RouterSettings
 
 KILLED = 9  # waitpid status of a process killed by SIGKILL
 CLEAN = 0
@@ -40,7 +41,15 @@ class ModelWorker:
     stop_sent: bool = False
     killed: bool = False
     exit_asked: bool = False
+    termed: bool = False
+    withdrawn: bool = False  # its writes failed or it sent nonsense: the router ends it
     holding: deque[Delivery] = field(default_factory=deque)
+
+    @property
+    def can_take(self) -> bool:
+        return self.ready and not (
+            self.stop_sent or self.killed or self.exit_asked or self.termed or self.withdrawn
+        )
 
 
 class World:
@@ -83,6 +92,8 @@ class World:
         if isinstance(action, act.Spawn):
             if action.worker_id in self.workers:
                 raise Violation(f"worker id {action.worker_id} spawned twice")
+            if self.router.phase is not Phase.RUNNING:
+                raise Violation(f"worker {action.worker_id} spawned while {self.router.phase.value}")
             self.workers[action.worker_id] = ModelWorker(action.worker_id)
         elif isinstance(action, act.SendMessage):
             self._check_send(action)
@@ -96,6 +107,10 @@ class World:
             worker = self.workers.get(action.worker_id)
             if worker is not None:
                 worker.killed = True
+        elif isinstance(action, act.TermWorker):
+            worker = self.workers.get(action.worker_id)
+            if worker is not None:
+                worker.termed = True
         elif isinstance(action, act.Reject):
             self._settle(action.delivery, "reject")
             self.rejected.append(action.delivery.id)
@@ -104,6 +119,8 @@ class World:
         elif isinstance(action, act.AcksReady):
             self.acks_waiting = True
         elif isinstance(action, act.SetTimer):
+            if action.at < self.now:
+                raise Violation(f"timer set in the past ({action.at} < {self.now}): the master would spin")
             self.timer = action.at
         elif isinstance(action, act.WorkerExited):
             self.exits.append(action)
@@ -119,10 +136,14 @@ class World:
         d = action.delivery
         if worker is None:
             raise Violation(f"{d!r} sent to unknown worker {action.worker_id}")
-        if not worker.ready or worker.stop_sent or worker.killed or worker.exit_asked:
+        if not worker.can_take:
             raise Violation(f"{d!r} sent to worker {worker} that cannot take it")
         if worker.holding:
-            raise Violation(f"{d!r} sent to worker {action.worker_id} already holding {list(worker.holding)}")
+            idle = [w.worker_id for w in self.workers.values() if w.can_take and not w.holding]
+            if idle:
+                raise Violation(f"{d!r} sent to busy worker {action.worker_id} while {idle} are idle")
+            if len(worker.holding) >= MAX_WINDOW:
+                raise Violation(f"{d!r} sent to worker {action.worker_id} past its window")
         if (d.generation, d.tag) not in self.outstanding:
             raise Violation(f"{d!r} sent to a worker but it is not outstanding on the broker")
         for other in self.workers.values():
@@ -199,13 +220,14 @@ class World:
             if not worker.ready:
                 self.ready(worker.worker_id)
 
-    def finish(self, worker_id: int, failure: Failure | None = None) -> Delivery:
+    def finish(self, worker_id: int, failure: Failure | None = None, took: float = 0.0) -> Delivery:
+        """The worker's handler for its oldest message returns after `took` seconds."""
         worker = self.workers[worker_id]
         d = worker.holding.popleft()
         self.handled.append(d.id)
         if failure is None:
             self.may_ack.add(d.id)
-        self.feed(self.router.worker_result(worker_id, d.id, failure, self.now))
+        self.feed(self.router.worker_result(worker_id, d.id, failure, self.now, self.now - took, self.now))
         return d
 
     def die(self, worker_id: int, status: int | None = KILLED) -> None:
@@ -227,20 +249,38 @@ class World:
         self.generation += 1
         self.feed(self.router.channel_opened(self.generation))
 
-    def write_fails(self, worker_id: int) -> None:
-        self.workers[worker_id].holding.clear()  # the frame never arrived whole
-        self.feed(self.router.write_failed(worker_id, self.now))
+    def write_fails(self, worker_id: int, undelivered: int = 1) -> None:
+        """A write fails: the newest `undelivered` message frames never reached the worker;
+        the ones before them did (its handler may be running the first)."""
+        worker = self.workers[worker_id]
+        lost = [worker.holding.pop().id for _ in range(min(undelivered, len(worker.holding)))]
+        worker.withdrawn = True
+        self.feed(self.router.write_failed(worker_id, lost, self.now))
 
-    def ask_exit(self, worker_id: int) -> None:
-        self.workers[worker_id].exit_asked = True
+    def broken(self, worker_id: int) -> None:
+        self.workers[worker_id].withdrawn = True
+        self.feed(self.router.worker_result(worker_id, -1, None, self.now))
+
+    def ask_exit(self, worker_id: int, failure: Failure | None = None) -> None:
+        """TERM (from the router or from outside): a real worker finishes the message it
+        runs, then asks to exit and starts nothing more; what it holds then, including
+        anything the router sent before it heard of the exit, comes back."""
+        worker = self.workers[worker_id]  # a TERM from outside: the router learns of it below
+        if worker.holding and worker.ready and not worker.killed:
+            self.finish(worker_id, failure)
+        worker.exit_asked = True
+        worker.holding.clear()
         self.feed(self.router.exit_requested(worker_id, "TERM received", self.now))
 
     def advance(self, seconds: float) -> None:
         """Move the clock; fire the router's timer if it came due."""
         self.now += seconds
-        if self.timer is not None and self.timer <= self.now:
+        for _ in range(50):
+            if self.timer is None or self.timer > self.now:
+                return
             self.timer = None
             self.feed(self.router.tick(self.now))
+        raise Violation("the timer keeps firing at the same time: the master would spin")
 
     def tick(self) -> None:
         self.feed(self.router.tick(self.now))
@@ -271,7 +311,9 @@ class World:
                 break
             self.ready_all()
             for worker in list(self.workers.values()):
-                if worker.holding and not worker.killed:
+                if worker.termed and not worker.exit_asked and not worker.killed:
+                    self.ask_exit(worker.worker_id)
+                elif worker.holding and not worker.killed:
                     self.finish(worker.worker_id)
             for publish_id in list(self.publishes):
                 self.confirm(publish_id)

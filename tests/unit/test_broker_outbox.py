@@ -85,16 +85,27 @@ def test_other_greenlets_only_queue_their_acks():
 
 
 def test_rejects_queued_before_are_written_before_a_multiple_ack():
+    """Tag 1's republish is refused, so it goes back (reject); tag 2 finished. The router
+    plans one multiple-ack up to 2, which passes over 1: that is only safe because the
+    reject is written first. Written the other way round, the ack would ack message 1."""
+    from speed_gevent.policy import Failure, FailureKind
+
     channel = RecordingChannel()
-    router = router_with()
+    router = Router(RouterSettings(max_cache=10, min_workers=1, max_workers=1), 0.0)
+    router.channel_opened(1)
     session = session_with(channel, take_acks=router.take_acks)
-    router.delivery_arrived(delivery(1), 0.0)  # cached: no worker is ready yet
-    router.delivery_arrived(delivery(2), 0.0)
-    for action in router.stop(0.0):  # graceful stop gives the cache back
+    (spawn,) = router.start(0.0)
+    router.worker_ready(spawn.worker_id, 0.0)
+    router.delivery_arrived(delivery(1), 0.0)
+    router.delivery_arrived(delivery(2), 0.0)  # waits in the worker's window
+    failed = router.worker_result(spawn.worker_id, 1, Failure(FailureKind.ERROR, "E", "boom"), 0.0)
+    (publish,) = [a for a in failed if a.__class__.__name__ == "Publish"]
+    router.worker_result(spawn.worker_id, 2, None, 0.0)
+    for action in router.publish_done(publish.publish_id, False, "refused", 0.0):
         if isinstance(action, Reject):
             session.reject(action.delivery)
     session._run_outbox()
-    assert channel.calls == [("reject", 1, True), ("reject", 2, True)]
+    assert channel.calls == [("reject", 1, True), ("ack", 2, True)]
 
 
 def test_tags_of_an_old_channel_are_never_settled():

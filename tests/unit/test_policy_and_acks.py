@@ -130,3 +130,11 @@ def test_cache_is_fifo_bounded_and_never_waits():
     assert first is not None and first.id == 1
     cache.put_front(first)
     assert [d.id for d in cache.drain()] == [1, 2] and len(cache) == 0
+
+
+@pytest.mark.parametrize("value", ["²", "٣", " 7x", b"\xff", "", "1e3", None, 2.5, ["1"]])
+def test_an_odd_attempt_header_never_raises(value):
+    """ "²".isdigit() is True but int("²") raises: one such header used to kill the master
+    on every restart. Whatever the header holds, the attempt is a number ≥ 1."""
+    assert attempt_of({"x-speed-attempt": value}) >= 1
+    assert attempt_of({"x-delivery-count": value}) >= 1

@@ -216,7 +216,7 @@ def test_frames_cross_a_real_socketpair():
 
 def test_a_result_with_an_unknown_outcome_is_refused():
     """It would decode, but nothing downstream knows what it means: end that worker."""
-    meta = encode_meta([7, 99, "", "", "", None])
+    meta = encode_meta([7, 99, "", "", "", None, 0.0, 0.0])
     with pytest.raises(ProtocolError, match="unknown outcome"):
         FrameDecoder().feed(HEADER.pack(b"SG", 1, FrameType.RESULT, len(meta), 0) + meta)
 

@@ -9,7 +9,7 @@ import pytest
 
 from speed_gevent import actions as act
 from speed_gevent.policy import Failure, FailureKind
-from speed_gevent.router import Phase, RouterSettings
+from speed_gevent.router import MAX_WINDOW, Phase, RouterSettings
 from tests.unit.router_world import CLEAN, KILLED, World
 
 
@@ -87,7 +87,74 @@ def test_one_message_per_worker_and_the_pool_grows_on_backlog():
     assert w.holding() == {1: [first.id]}
     w.arrive()
     assert spawns(w.last) == [2], "a backlog with no idle worker grows the pool at once"
-    assert w.holding() == {1: [first.id]} and w.router.cached == 1
+    assert w.holding() == {1: [first.id]} and w.router.cached == 1, "it waits for the new worker"
+    w.ready(2)
+    assert w.holding() == {1: [first.id], 2: [first.id + 1]}
+
+
+def test_at_the_ceiling_busy_workers_get_a_window_the_emptiest_first():
+    w = world(min_workers=2, max_workers=2, max_cache=8)
+    w.ready_all()
+    ids = [w.arrive().id for _ in range(6)]
+    assert sorted(len(held) for held in w.holding().values()) == [2, 2], "a window of 2 before any timing"
+    assert sorted(sum(w.holding().values(), [])) == ids[:4] and w.router.cached == 2
+    assert w.workers[1].holding[0].id in ids[:2] and w.workers[2].holding[0].id in ids[:2]
+
+
+def test_the_window_follows_handler_time():
+    w = world(min_workers=2, max_workers=2, max_cache=40)
+    w.ready_all()
+    for _ in range(2):
+        w.arrive()
+    for wid in (1, 2):  # 100 ms handlers: a window of 2 is enough
+        w.finish(wid, took=0.1)
+    for _ in range(10):
+        w.arrive()
+    assert max(len(h) for h in w.holding().values()) == 2 and w.router.cached == 6
+    for _ in range(60):  # fast handlers: the window grows to MAX_WINDOW
+        for wid in list(w.holding()):
+            w.finish(wid, took=0.00001)
+        w.take_acks()
+        while w.can_arrive() and w.router.cached < 4:
+            w.arrive()
+    assert max(len(h) for h in w.holding().values()) == MAX_WINDOW
+
+
+def test_the_next_message_in_a_window_starts_when_the_worker_says_the_last_ended():
+    w = world(min_workers=1, max_workers=1, timeout=5.0)
+    first, second = w.arrive(), w.arrive()
+    assert [d.id for d in w.workers[1].holding] == [first.id, second.id]
+    w.advance(3.0)
+    w.workers[1].holding.popleft()
+    w.may_ack.add(first.id)
+    w.feed(w.router.worker_result(1, first.id, None, w.now, w.now - 3.0, w.now - 0.5))
+    assert w.router.worker(1).running.started_at == w.now - 0.5
+    w.advance(4.4)
+    assert not w.workers[1].killed, "--timeout runs from the message's own start"
+    w.advance(0.2)
+    assert w.workers[1].killed
+
+
+def test_term_and_retirement_hand_back_the_unstarted_window_at_once_uncounted():
+    w = world(min_workers=1, max_workers=1, max_cache=8)
+    a, b = w.arrive(), w.arrive()
+    w.feed(w.router.replace_all(w.now))  # HUP: a replacement boots, then the old one retires
+    w.ready(2)
+    assert w.workers[1].termed, "its window is taken back at once, not handled first"
+    w.ask_exit(1)  # the worker finished a, started nothing more
+    assert a.id in w.may_ack and w.rejected == [] and w.publishes == {}
+    assert [d.id for d in w.workers[2].holding] == [b.id], "b goes to the new worker, uncounted"
+    assert w.workers[1].stop_sent
+
+
+def test_a_dead_worker_counts_one_attempt_for_the_running_message_only():
+    w = world(min_workers=1, max_workers=1)
+    running, waiting = w.arrive(), w.arrive()
+    w.die(1, KILLED)
+    assert [p.delivery_id for p in w.publishes.values()] == [running.id]
+    w.ready_all()
+    assert [d.id for d in w.workers[2].holding] == [waiting.id]
+    assert w.router.counters.crashes == 1
 
 
 def test_the_pool_never_grows_past_max_workers():
@@ -95,7 +162,7 @@ def test_the_pool_never_grows_past_max_workers():
     for _ in range(8):
         w.arrive()
     w.ready_all()
-    assert len(w.live_workers()) == 2 and w.router.cached == 6
+    assert len(w.live_workers()) == 2 and w.router.cached == 4, "two windows of two"
 
 
 # -- results and failures ----------------------------------------------------------------
@@ -187,7 +254,7 @@ def test_write_failure_after_the_worker_is_gone_changes_nothing():
     w = world()
     w.arrive()
     w.die(1, KILLED)  # the exit report came first
-    assert w.feed(w.router.write_failed(1, w.now)) == []
+    assert w.feed(w.router.write_failed(1, [], w.now)) == []
     assert len(w.publishes) == 1
 
 
@@ -219,15 +286,17 @@ def test_max_messages_recycles_a_worker_after_its_message():
 def test_after_a_lost_channel_old_deliveries_are_never_settled():
     w = world(min_workers=1, max_workers=1)
     running = w.arrive()
+    windowed = w.arrive()
     cached = w.arrive()
     w.lose_channel()
     assert w.router.cached == 0, "cached deliveries of the old channel are the broker's again"
-    w.finish(1)  # the old delivery's handler returns: not acked on the new channel
+    w.finish(1)  # the old deliveries' handlers return: not acked on the new channel
+    w.finish(1)
     assert w.take_acks() == []
     fresh = w.arrive()
     w.finish(1)
     w.take_acks()
-    assert w.acked == [fresh.id] and set(w.redelivered) == {running.id, cached.id}
+    assert w.acked == [fresh.id] and set(w.redelivered) == {running.id, windowed.id, cached.id}
 
 
 def test_a_republish_pending_when_the_channel_is_lost_is_dropped():
@@ -243,31 +312,37 @@ def test_a_republish_pending_when_the_channel_is_lost_is_dropped():
 
 def test_a_worker_asking_to_exit_gets_nothing_more_and_is_stopped_when_free():
     w = world(min_workers=1, max_workers=1)
-    d = w.arrive()
-    w.ask_exit(1)
-    assert not w.workers[1].stop_sent
-    w.finish(1)
+    d, waiting = w.arrive(), w.arrive()
+    w.ask_exit(1)  # it finishes d, then asks; `waiting` was never started
     assert w.workers[1].stop_sent and w.take_acks()
     assert d.id in w.acked
+    w.ready_all()
+    assert [x.id for x in w.workers[2].holding] == [waiting.id] and w.publishes == {}
 
 
 def test_graceful_stop_returns_the_cache_and_lets_handlers_finish():
     w = world(min_workers=2, max_workers=2)
     w.ready_all()
     busy = [w.arrive(), w.arrive()]
-    cached = w.arrive()
+    windowed = w.arrive()
+    cached = [w.arrive(), w.arrive(), w.arrive()]
     actions = w.feed(w.router.stop(w.now))
-    assert act.CancelConsumers() in actions and w.rejected == [cached.id]
+    assert act.CancelConsumers() in actions
+    assert sorted(w.rejected) == sorted(d.id for d in cached[1:]) or len(w.rejected) == 2
     late = w.arrive()  # in flight before the cancel took effect
-    assert w.rejected == [cached.id, late.id]
+    assert late.id in w.rejected
+    for wid, worker in list(w.workers.items()):
+        if worker.termed:
+            w.ask_exit(wid)  # finishes its running message, hands back its window
     for wid in list(w.holding()):
         w.finish(wid)
     w.take_acks()
     assert sorted(w.acked) == sorted(d.id for d in busy)
+    assert sorted(w.rejected) == sorted([windowed.id, late.id, *(d.id for d in cached)])
     for wid in list(w.workers):
         assert w.workers[wid].stop_sent
         w.die(wid, CLEAN)
-    assert w.drained == "graceful" and w.router.counters.requeued == 2
+    assert w.drained == "graceful" and w.router.counters.requeued == 5
 
 
 def test_the_second_stop_kills_running_handlers_and_gives_their_messages_back_uncounted():
@@ -295,10 +370,13 @@ def test_deliveries_near_the_consumer_timeout_are_given_back_from_the_cache():
     w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
     w.arrive()
     waiting = w.arrive()
+    cached = w.arrive()
     w.advance(89.0)
     assert w.rejected == []
     w.advance(1.5)
-    assert w.rejected == [waiting.id]
+    assert w.rejected == [cached.id] and w.workers[1].termed, "the window comes back through TERM"
+    w.ask_exit(1)
+    assert w.rejected == [cached.id, waiting.id]
 
 
 def test_exit_when_idle_stops_gracefully_after_a_quiet_spell():
@@ -357,3 +435,44 @@ def test_ttou_retires_idle_workers_first():
     assert len(idle_stopped) == 0  # two workers and a ceiling of two: nothing to retire
     w.feed(w.router.resize(-1, w.now))
     assert w.router.max_workers == 2, "never below the floor"
+
+
+def test_a_failed_write_keeps_what_went_out_whole_for_the_crash_rule():
+    """Seen for real: a worker ran a poison message and died; the next frame written to
+    it failed. The running message must count its attempt; only the unsent one is free."""
+    w = world(min_workers=1, max_workers=1, max_retries=0)
+    running, unsent = w.arrive(), w.arrive()
+    w.write_fails(1, undelivered=1)
+    assert w.router.cached == 1 and w.publishes == {}
+    w.die(1, KILLED)
+    assert [p.delivery_id for p in w.publishes.values()] == [running.id]
+    w.ready_all()
+    assert [d.id for d in w.workers[2].holding] == [unsent.id]
+
+
+def test_workers_dying_with_the_fork_server_are_not_boot_failures():
+    w = World(RouterSettings(max_cache=8, min_workers=7, max_workers=7))
+    w.start()
+    for wid in list(w.workers):
+        w.die(wid, None)
+    assert w.fatal is None and len(w.live_workers()) == 7
+
+
+def test_a_worker_asking_to_exit_during_a_graceful_stop_is_not_replaced():
+    w = world(min_workers=2, max_workers=2)
+    w.ready_all()
+    w.arrive()
+    w.feed(w.router.stop(w.now))
+    (busy,) = w.holding()
+    w.ask_exit(busy)
+    assert not any(isinstance(a, act.Spawn) for a in w.last)
+
+
+def test_an_immediate_stop_with_a_worker_that_never_exits_ends_without_spinning():
+    w = world(min_workers=1, max_workers=1)
+    d = w.arrive()
+    w.feed(w.router.stop(w.now))
+    w.feed(w.router.stop(w.now))
+    for _ in range(12):
+        w.advance(1.0)  # World.advance fails if the timer keeps firing in the past
+    assert w.drained == "immediate" and w.rejected == [d.id]

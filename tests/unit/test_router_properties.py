@@ -113,18 +113,23 @@ class RouterMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.world.holding())
     @rule(index=st.integers(0, 50))
     def bad_result(self, index):
-        wid = pick(self.world.holding(), index)
-        self.world.feed(self.world.router.worker_result(wid, -1, None, self.world.now))
+        self.world.broken(pick(self.world.holding(), index))
 
     @precondition(lambda self: self.world.holding())
-    @rule(index=st.integers(0, 50))
-    def write_fails(self, index):
-        self.world.write_fails(pick(self.world.holding(), index))
+    @rule(index=st.integers(0, 50), undelivered=st.integers(0, 3))
+    def write_fails(self, index, undelivered):
+        self.world.write_fails(pick(self.world.holding(), index), undelivered)
 
     @precondition(lambda self: self.world.workers)
-    @rule(index=st.integers(0, 50))
-    def ask_exit(self, index):
-        self.world.ask_exit(pick(self.world.workers, index))
+    @rule(index=st.integers(0, 50), failure=st.sampled_from(FAILURES))
+    def ask_exit(self, index, failure):
+        self.world.ask_exit(pick(self.world.workers, index), failure)
+
+    @precondition(lambda self: any(w.termed and not w.exit_asked for w in self.world.workers.values()))
+    @rule(index=st.integers(0, 50), failure=st.sampled_from(FAILURES))
+    def termed_worker_leaves(self, index, failure):
+        termed = [w.worker_id for w in self.world.workers.values() if w.termed and not w.exit_asked]
+        self.world.ask_exit(pick(termed, index), failure)
 
     @precondition(lambda self: self.world.workers)
     @rule(index=st.integers(0, 50), status=st.sampled_from(STATUSES))
@@ -155,7 +160,7 @@ class RouterMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 4.0]), big=st.booleans())
     def patrol(self, seconds, big):
-        self.world.now += seconds
+        self.world.advance(seconds)
         memory = {wid: (10**9 if big else 10**6) for wid in self.world.workers}
         self.world.feed(self.world.router.patrol(self.world.now, memory))
 
@@ -170,6 +175,17 @@ class RouterMachine(RuleBasedStateMachine):
         for (generation, _tag), d in world.outstanding.items():
             if generation == world.generation:
                 assert d.id in tracked, f"{d!r} is unacked on the broker but the router lost it"
+
+    @invariant()
+    def handlers_past_timeout_are_killed(self):
+        world = self.world
+        timeout = world.settings.timeout
+        if world.fatal or not timeout:
+            return
+        for worker in world.router.workers():
+            running = worker.running
+            if running is not None and worker.kill_reason is None and running.started_at is not None:
+                assert world.now < running.started_at + timeout, f"{worker!r} runs past --timeout unkilled"
 
     @invariant()
     def workers_agree(self):
