@@ -45,11 +45,12 @@ class MessageCache:
     def peek_all(self) -> Iterator[Delivery]:
         return iter(self._items)
 
-    def expire(self, received_before: float) -> list[Delivery]:
-        """Take out deliveries that arrived before `received_before`, wherever they wait
-        (one put back at the front may be younger than those behind it)."""
-        if not any(d.received_at < received_before for d in self._items):
+    def expire(self, now: float, max_age: float) -> list[Delivery]:
+        """Take out deliveries that waited `max_age` or more, wherever they wait (one put
+        back at the front may be younger than those behind it). The test is the one the
+        router's timer uses (`received_at + max_age <= now`), so they always agree."""
+        if not any(d.received_at + max_age <= now for d in self._items):
             return []
-        expired = [d for d in self._items if d.received_at < received_before]
-        self._items = deque(d for d in self._items if d.received_at >= received_before)
+        expired = [d for d in self._items if d.received_at + max_age <= now]
+        self._items = deque(d for d in self._items if d.received_at + max_age > now)
         return expired

@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the fork server and the connection get to close at the end.
 CLOSE_TIMEOUT = 5.0
+#: Longest wait for the --min-workers floor to boot before consuming starts anyway.
+FLOOR_BOOT_WAIT = 10.0
 
 MASTER_EVENTS = ("error", "worker_exit", "patrolling")
 
@@ -65,6 +67,7 @@ class Master:
         self._timer_at: float | None = None
         self._timer_moved = gevent.event.Event()
         self._stop_asked = gevent.event.Event()
+        self._floor_ready = gevent.event.Event()
         self._done = gevent.event.Event()
         self._finishing = False
         self._failing = False
@@ -163,6 +166,13 @@ class Master:
         self._apply(self._router.start(time.monotonic()))
         self._spawn("timer", self._timer_loop)
         self._spawn("patrol", self._patrol_loop)
+        # The floor boots before the first basic_consume, so no delivery waits unacked for
+        # a worker that is still forking (bounded: a slow `start` event delays nothing long).
+        if settings.min_workers == 0:
+            self._floor_ready.set()
+        gevent.wait([self._floor_ready, self._stop_asked], count=1, timeout=FLOOR_BOOT_WAIT)
+        if self._stop_asked.is_set():
+            return
         prefetch = settings.prefetch_per_queue()
         # The router runs before the first basic_consume: deliveries for the first queue
         # can arrive while the next consume waits for its consume-ok, and they are kept.
@@ -420,6 +430,8 @@ class _LinkEvents:
     def __init__(self, master: Master) -> None:
         self._apply = master._apply
         self._router = master._router
+        self._floor_ready = master._floor_ready
+        self._min_workers = master.settings.min_workers
 
     def spawn_failed(self, worker_id: int) -> None:
         self._apply(self._router.spawn_failed(worker_id, time.monotonic()))
@@ -429,6 +441,8 @@ class _LinkEvents:
 
     def ready(self, worker_id: int) -> None:
         self._apply(self._router.worker_ready(worker_id, time.monotonic()))
+        if not self._floor_ready.is_set() and self._router.booted() >= self._min_workers:
+            self._floor_ready.set()
 
     def ok(self, worker_id: int, frame: OkFrame) -> None:
         now = time.monotonic()

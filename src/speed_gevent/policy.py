@@ -74,6 +74,11 @@ def decide(failure: Failure | None, attempt: int, max_retries: int) -> Decision:
     return Decision(Action.RETRY, failure)
 
 
+def killed_by_signal(status: int) -> bool:
+    """The `waitpid` status of a process ended by a signal (ours, usually)."""
+    return os.WIFSIGNALED(status)
+
+
 def describe_exit(status: int) -> str:
     """A `waitpid` status as a person reads it: `exit code 3` or `killed by SIGKILL`."""
     if os.WIFSIGNALED(status):

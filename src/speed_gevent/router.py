@@ -67,6 +67,7 @@ from .policy import (
     dead_letter_queue,
     decide,
     describe_exit,
+    killed_by_signal,
     retry_headers,
 )
 from .stats import Counters
@@ -85,6 +86,8 @@ WINDOW_BUDGET = 0.002
 MAX_WINDOW = 8
 #: Weight of the newest handler time in the running average the window follows.
 HANDLER_TIME_WEIGHT = 0.2
+#: The shortest time between two ticks, in seconds.
+MIN_TICK = 0.001
 #: Seconds workers get to exit after an immediate stop before they are killed, and the
 #: master after that before it stops waiting for their exit reports.
 STOP_GRACE = 5.0
@@ -175,6 +178,10 @@ class Router:
 
     def worker(self, worker_id: int) -> WorkerSlot | None:
         return self._workers.get(worker_id)
+
+    def booted(self) -> int:
+        """Workers that reported ready and are not on their way out."""
+        return sum(1 for w in self._workers.values() if w.booted and w.is_active)
 
     def busy(self) -> int:
         return sum(1 for w in self._workers.values() if w.held)
@@ -440,8 +447,8 @@ class Router:
         if worker_id in self._idle:
             self._idle.remove(worker_id)
         how = describe_exit(status) if status is not None else "died with the fork server"
-        if worker.kill_reason:
-            how += f" ({worker.kill_reason})"
+        if worker.kill_reason and (status is None or killed_by_signal(status)):
+            how += f" ({worker.kill_reason})"  # our signal ended it, not its own exit
         planned = worker.stop_sent and not worker.held and status == 0
         running = worker.running
         logger.log(
@@ -562,7 +569,9 @@ class Router:
             self._check_idle_exit(now)
         deadline = self._next_deadline(now)
         if deadline is not None:
-            self._arm(deadline)
+            # Every deadline due now was acted on above; one that is not is a bug, and must
+            # still never make the timer fire again at the same instant (a spin).
+            self._arm(max(deadline, now + MIN_TICK))
         return self._emit()
 
     # -- internals: dispatch and the pool ------------------------------------------------
@@ -887,16 +896,20 @@ class Router:
         timeout: give back what waited too long so another consumer can take it. One that
         waits unstarted in a worker's window comes back through TERM (the worker finishes
         its current message, starts nothing more, and asks to exit)."""
-        limit = now - self._cache_age_limit()
+        age = self._cache_age_limit()
         for worker in self._workers.values():
             held = worker.held
-            if len(held) > 1 and held[1].delivery.received_at < limit and worker.state is WorkerState.BUSY:
+            if (
+                len(held) > 1
+                and held[1].delivery.received_at + age <= now
+                and worker.state is WorkerState.BUSY
+            ):
                 logger.warning(
                     "worker %s (pid %s): delivery %s waited in its window near the consumer timeout; "
                     "taking its window back", worker.worker_id, worker.pid, held[1].delivery.id,
                 )  # fmt: skip
                 self._retire(worker, "window near the consumer timeout", counted=True)
-        for delivery in self._cache.expire(limit):
+        for delivery in self._cache.expire(now, age):
             logger.warning(
                 "delivery %s waited %.0fs in the cache; giving it back before the broker's consumer timeout",
                 delivery.id,

@@ -23,7 +23,7 @@ from typing import Any
 from speed_gevent import actions as act
 from speed_gevent.delivery import Delivery
 from speed_gevent.policy import Failure
-from speed_gevent.router import MAX_WINDOW, Phase, Router, RouterSettings
+from speed_gevent.router import MAX_WINDOW, MIN_TICK, Phase, Router, RouterSettings
 
 KILLED = 9  # waitpid status of a process killed by SIGKILL
 CLEAN = 0
@@ -280,6 +280,10 @@ class World:
                 return
             self.timer = None
             self.feed(self.router.tick(self.now))
+            if any(isinstance(a, act.SetTimer) and a.at == self.now + MIN_TICK for a in self.last):
+                raise Violation(
+                    f"a deadline due at {self.now} was not acted on (only MIN_TICK kept it from spinning)"
+                )
         raise Violation("the timer keeps firing at the same time: the master would spin")
 
     def tick(self) -> None:
