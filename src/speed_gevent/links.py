@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
 #: Bodies up to this size are written together with the frame header (one syscall).
 COALESCE_BODY = 64 * 1024
+#: Most parts handed to one writev/sendmsg call (Linux's IOV_MAX is 1024).
+IOV_MAX = 512
 #: Seconds to wait for EOF after a worker's exit was reported.
 EOF_GRACE = 1.0
 
@@ -107,6 +109,7 @@ class WorkerLinks:
         self._spawns: gevent.queue.Queue[int] = gevent.queue.Queue()
         self._stop_early: set[int] = set()  # a stop asked before the spawn went out
         self._kill_early: set[int] = set()  # a kill asked before the pid was known
+        self._term_early: set[int] = set()  # a TERM asked before the pid was known
         self._dirty: list[_Link] = []  # links with frames queued since the last flush
 
     def __len__(self) -> int:
@@ -138,6 +141,7 @@ class WorkerLinks:
                 logger.warning("cannot spawn worker %s: the fork server is gone (%s)", worker_id, exc)
                 self._stop_early.discard(worker_id)
                 self._kill_early.discard(worker_id)
+                self._term_early.discard(worker_id)
                 self._events.spawn_failed(worker_id)
                 continue
             link = _Link(worker_id, sock)
@@ -158,6 +162,9 @@ class WorkerLinks:
         if worker_id in self._kill_early:
             self._kill_early.discard(worker_id)
             self._signal(link, signal.SIGKILL)
+        elif worker_id in self._term_early:
+            self._signal(link, signal.SIGTERM)
+        self._term_early.discard(worker_id)
 
     def on_exited(self, pid: int, status: int) -> None:
         link = self._by_pid.pop(pid, None)
@@ -210,7 +217,9 @@ class WorkerLinks:
 
     def term(self, worker_id: int) -> None:
         link = self._links.get(worker_id)
-        if link is not None:
+        if link is None or link.pid is None:
+            self._term_early.add(worker_id)  # on_spawned sends it
+        else:
             self._signal(link, signal.SIGTERM)
 
     def kill(self, worker_id: int) -> None:
@@ -239,9 +248,8 @@ class WorkerLinks:
             link.dirty = False
             if link.failed or link.writer is not None or not link.out:
                 continue
-            data = link.out[0][0] if len(link.out) == 1 else b"".join(part for part, _ in link.out)
-            try:
-                sent = os.write(link.fd, data)
+            try:  # writev: the frames of a batch in one call, a large body without a copy
+                sent = os.writev(link.fd, [part for part, _ in link.out[:IOV_MAX]])
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -255,7 +263,7 @@ class WorkerLinks:
         """Greenlet body: send what the socket did not take, waiting for it to drain."""
         try:
             while link.out and not link.failed:
-                sent = link.sock.send(link.out[0][0])
+                sent = link.sock.sendmsg([part for part, _ in link.out[:IOV_MAX]])
                 _consume(link.out, sent)
         except OSError:
             link.writer = None

@@ -75,8 +75,10 @@ from .workerproc import InFlight, WorkerSlot, WorkerState
 
 logger = logging.getLogger("speed_gevent.router")
 
-#: Share of --consumer-timeout a delivery may stay unstarted before it is given back.
+#: Share of --consumer-timeout a delivery may stay unstarted before it is given back, and
+#: before a worker TERMed to free its window (its handler still running) is killed.
 CACHE_AGE_LIMIT = 0.9
+WINDOW_AGE_LIMIT = 0.95
 #: Acks wait (a few milliseconds at most) until 1/ACK_BATCH_SHARE of --max-cache is finished.
 ACK_BATCH_SHARE = 4
 #: Window per worker: while no worker is idle, a worker may hold this many messages, so it
@@ -84,6 +86,8 @@ ACK_BATCH_SHARE = 4
 #: handler time (at least 2, at most MAX_WINDOW, and never more than its share of the cache).
 WINDOW_BUDGET = 0.002
 MAX_WINDOW = 8
+#: A handler running this many times longer than average takes no more into its window.
+STALL_FACTOR = 4
 #: Weight of the newest handler time in the running average the window follows.
 HANDLER_TIME_WEIGHT = 0.2
 #: The shortest time between two ticks, in seconds.
@@ -604,7 +608,7 @@ class Router:
         if cache:
             self._scale_up(now)
         if cache:
-            self._fill_windows()
+            self._fill_windows(now)
 
     def _window(self, busy: int) -> int:
         """How many messages a busy worker may hold."""
@@ -618,7 +622,7 @@ class Router:
         share = self.settings.max_cache // max(1, busy)
         return max(1, min(wanted, MAX_WINDOW, share))
 
-    def _fill_windows(self) -> None:
+    def _fill_windows(self, now: float) -> None:
         """Only at the pool's ceiling with nothing booting: while the pool can grow, waiting
         messages stay in the cache for the new workers instead of behind a busy one."""
         busy = []
@@ -633,6 +637,12 @@ class Router:
         if not busy or active < self.max_workers:
             return
         window = self._window(len(busy))
+        # A worker whose handler already runs much longer than usual gets nothing more:
+        # a message must not wait behind it (nor toward the consumer timeout).
+        stall = max(WINDOW_BUDGET, STALL_FACTOR * (self._handler_time or 0.0))
+        busy = [w for w in busy if w.running is None or now - (w.running.started_at or now) <= stall]
+        if not busy:
+            return
         cache = self._cache
         while cache:
             worker = min(busy, key=lambda w: len(w.held))
@@ -732,15 +742,19 @@ class Router:
         return ""
 
     def _lost_messages(self, worker: WorkerSlot, how: str, now: float) -> None:
-        """What a gone worker held: the running message failed an attempt (unless our own
-        stop killed it: then it just goes back); the unstarted ones go back uncounted."""
+        """What a gone worker held: the running message failed an attempt, unless our own
+        kill ended it for another reason (a stop, the consumer timeout of its window, or a
+        timeout of the message before it, whose result came in just before the kill): then
+        it goes back uncounted, as do the unstarted ones."""
         held = list(worker.held)
         worker.held.clear()
-        running = held.pop(0) if held and held[0].started_at is not None else None
+        running = held[0] if held and held[0].started_at is not None else None
         if running is not None:
-            if worker.kill_reason == "stop" or self._immediate:
-                self._give_back(running.delivery)  # our own stop: not a failed attempt
-            else:
+            ours = worker.kill_reason in ("stop", "consumer-timeout") or self._immediate
+            if worker.kill_reason == "timeout" and worker.kill_target != running.delivery.id:
+                ours = True
+            if not ours:
+                held.pop(0)
                 self.counters.crashes += 1
                 self.counters.failed += 1
                 self._settle(running.delivery, self._crash_failure(worker, how))
@@ -870,6 +884,9 @@ class Router:
     def _cache_age_limit(self) -> float:
         return CACHE_AGE_LIMIT * self.settings.consumer_timeout
 
+    def _window_age_limit(self) -> float:
+        return WINDOW_AGE_LIMIT * self.settings.consumer_timeout
+
     def _kill_overdue_handlers(self, now: float) -> None:
         timeout = self.settings.timeout
         if not timeout:
@@ -890,6 +907,7 @@ class Router:
                 )
                 self._withdraw(worker)
                 self._kill(worker, "timeout")
+                worker.kill_target = running.delivery.id
 
     def _expire_cache(self, now: float) -> None:
         """RabbitMQ closes the channel when a delivery stays unacked past its consumer
@@ -897,18 +915,27 @@ class Router:
         waits unstarted in a worker's window comes back through TERM (the worker finishes
         its current message, starts nothing more, and asks to exit)."""
         age = self._cache_age_limit()
+        last = self._window_age_limit()
         for worker in self._workers.values():
             held = worker.held
-            if (
-                len(held) > 1
-                and held[1].delivery.received_at + age <= now
-                and worker.state is WorkerState.BUSY
-            ):
+            if len(held) < 2 or worker.kill_reason is not None:
+                continue
+            waited = held[1].delivery.received_at
+            if worker.state is WorkerState.BUSY and waited + age <= now:
                 logger.warning(
                     "worker %s (pid %s): delivery %s waited in its window near the consumer timeout; "
                     "taking its window back", worker.worker_id, worker.pid, held[1].delivery.id,
                 )  # fmt: skip
                 self._retire(worker, "window near the consumer timeout", counted=True)
+            elif worker.state is WorkerState.RETIRING and waited + last <= now:
+                # TERM did not free it in time (its handler still runs): the broker would
+                # close the channel over the window, so the worker goes instead.
+                logger.error(
+                    "worker %s (pid %s): its handler still runs and delivery %s in its window nears the "
+                    "consumer timeout; killing it (its messages go back uncounted)",
+                    worker.worker_id, worker.pid, held[1].delivery.id,
+                )  # fmt: skip
+                self._kill(worker, "consumer-timeout")
         for delivery in self._cache.expire(now, age):
             logger.warning(
                 "delivery %s waited %.0fs in the cache; giving it back before the broker's consumer timeout",
@@ -936,13 +963,12 @@ class Router:
                 if running is not None and worker.kill_reason is None and running.started_at is not None:
                     times.append(running.started_at + timeout)
         waiting = [d.received_at for d in self._cache.peek_all()]
-        waiting += [
-            w.held[1].delivery.received_at
-            for w in self._workers.values()
-            if len(w.held) > 1 and w.state is WorkerState.BUSY
-        ]
         if waiting:
             times.append(min(waiting) + self._cache_age_limit())
+        for w in self._workers.values():
+            if len(w.held) > 1 and w.kill_reason is None:
+                limit = self._cache_age_limit() if w.state is WorkerState.BUSY else self._window_age_limit()
+                times.append(w.held[1].delivery.received_at + limit)
         if self.phase is Phase.DRAINING:
             if not self._immediate and self._drain_deadline is not None:
                 times.append(self._drain_deadline)

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 import traceback
@@ -41,14 +42,17 @@ from .protocol import (
 
 logger = logging.getLogger(__name__)
 
+#: Seconds an idle worker sleeps in the kernel before it looks at its stop flag again.
+IDLE_RECHECK = 5
 #: Bytes read from the socket at once.
 READ_SIZE = 256 * 1024
 #: Longest traceback text sent back, in characters.
 TRACEBACK_LIMIT = 2000
 
 
-class _Wakeup(Exception):
-    """Raised by the TERM handler to leave an idle wait (never while a byte is at stake)."""
+class _Wakeup(BaseException):
+    """Raised by `stop()` (TERM, or a user signal handler) to leave the idle wait, never
+    while a byte is at stake. A BaseException, so a handler's `except Exception` lets it by."""
 
 
 class Worker:
@@ -116,6 +120,8 @@ class Worker:
         return WorkerExit.OK
 
     def _wait_for_data(self) -> None:
+        """Block until a byte arrives, a TERM wakes us, or IDLE_RECHECK passes (SO_RCVTIMEO:
+        a TERM that lands between our check and the system call is seen then)."""
         try:
             self._idle = True
             try:
@@ -123,7 +129,7 @@ class Worker:
                     self._sock.recv(1, socket.MSG_PEEK)
             finally:
                 self._idle = False
-        except _Wakeup:
+        except (_Wakeup, BlockingIOError, TimeoutError):
             pass
 
     def _between_frames(self) -> None:
@@ -212,7 +218,9 @@ def run_worker(sock: socket.socket, app: App, worker_id: int, name: str, parent_
             os._exit(WorkerExit.PARENT_GONE)
         # The fd came from the gevent master, where it is non-blocking at the OS level.
         # Blocking, with no per-call timeout: the parent's death arrives as PDEATHSIG or EOF.
+        # Only the idle wait gives up after IDLE_RECHECK, at the socket level (no poll).
         sock.setblocking(True)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", IDLE_RECHECK, 0))
         worker = Worker(worker_id, name, app, sock, parent_pid)
         _install_signals(worker)
         worker.title("starting")

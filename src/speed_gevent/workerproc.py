@@ -30,8 +30,8 @@ class InFlight:
 
 class WorkerSlot:
     __slots__ = ("worker_id", "pid", "state", "held", "spawned_at", "last_busy_at", "handled",
-                 "failed", "booted", "stop_sent", "retire_reason", "kill_reason", "memory_bytes",
-                 "replacement")  # fmt: skip
+                 "failed", "booted", "stop_sent", "retire_reason", "kill_reason", "kill_target",
+                 "memory_bytes", "replacement")  # fmt: skip
 
     def __init__(self, worker_id: int, now: float, replacement: bool = False) -> None:
         self.worker_id = worker_id
@@ -46,6 +46,7 @@ class WorkerSlot:
         self.stop_sent = False  #: the master asked it to stop (a clean exit is then expected)
         self.retire_reason: str | None = None
         self.kill_reason: str | None = None  #: why the router asked for a SIGKILL, if it did
+        self.kill_target: int | None = None  #: the delivery whose handler the kill was for
         self.memory_bytes: int | None = None  #: last patrol sample
         self.replacement = replacement  #: spawned by a rolling restart (HUP)
 

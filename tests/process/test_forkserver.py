@@ -273,3 +273,18 @@ def test_an_idle_worker_sleeps_in_the_kernel_not_in_a_poll_loop(server):
     before = process.num_ctx_switches().voluntary
     time.sleep(1.5)
     assert process.num_ctx_switches().voluntary - before <= 1
+
+
+def test_a_user_signal_handler_that_stops_an_idle_worker_wakes_it_at_once():
+    """worker.stop() from a handler's own signal handler: the idle wait is left at once
+    (the wake-up is not an Exception a handler's `except Exception` would swallow)."""
+    harness = ForkServerHarness("tests.apps.stopper:app")
+    try:
+        pid, conn = harness.spawn()
+        conn.sendall(encode(message(1, {"id": 1})))
+        read_frames(conn, 1)  # it handled one and is idle now
+        os.kill(pid, signal.SIGUSR1)
+        conn.settimeout(2)  # well under the idle wait's recheck
+        assert read_frames(conn, 1) == [ExitRequestFrame("USR1 asked")]
+    finally:
+        harness.close()

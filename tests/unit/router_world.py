@@ -44,6 +44,7 @@ class ModelWorker:
     termed: bool = False
     withdrawn: bool = False  # its writes failed or it sent nonsense: the router ends it
     holding: deque[Delivery] = field(default_factory=deque)
+    head_since: float | None = None  # when the handler of holding[0] started, by the model's clock
 
     @property
     def can_take(self) -> bool:
@@ -76,6 +77,9 @@ class World:
         self.fatal: str | None = None
         self.acks_waiting = False
         self.last: list[act.Action] = []
+        self.started: set[int] = set()  # ids whose handler started (model's view)
+        self.failed_results: set[int] = set()  # ids whose handler raised
+        self.invalid: set[int] = set()
         self.feed(self.router.channel_opened(self.generation))
 
     # -- feeding -----------------------------------------------------------------------
@@ -115,6 +119,8 @@ class World:
             self._settle(action.delivery, "reject")
             self.rejected.append(action.delivery.id)
         elif isinstance(action, act.Publish):
+            if action.delivery_id not in self.failed_results | self.invalid | self.started:
+                raise Violation(f"{action} counts an attempt for a message whose handler never started")
             self.publishes[action.publish_id] = action
         elif isinstance(action, act.AcksReady):
             self.acks_waiting = True
@@ -151,6 +157,9 @@ class World:
                 raise Violation(
                     f"{d!r} sent to worker {action.worker_id} while worker {other.worker_id} holds it"
                 )
+        if not worker.holding:
+            worker.head_since = self.now
+            self.started.add(d.id)
         worker.holding.append(d)
         self.sent.append((action.worker_id, d.id))
 
@@ -200,6 +209,8 @@ class World:
         d = Delivery(self._next_id, self.generation, self._next_tag, "q", "", "q", False, b"x", properties,
                      self.now, problem)  # fmt: skip
         self.outstanding[(d.generation, d.tag)] = d
+        if problem is not None:
+            self.invalid.add(d.id)
         self.feed(self.router.delivery_arrived(d, self.now))
         return d
 
@@ -227,6 +238,11 @@ class World:
         self.handled.append(d.id)
         if failure is None:
             self.may_ack.add(d.id)
+        else:
+            self.failed_results.add(d.id)
+        worker.head_since = self.now if worker.holding else None
+        if worker.holding:
+            self.started.add(worker.holding[0].id)
         self.feed(self.router.worker_result(worker_id, d.id, failure, self.now, self.now - took, self.now))
         return d
 

@@ -178,14 +178,15 @@ class RouterMachine(RuleBasedStateMachine):
 
     @invariant()
     def handlers_past_timeout_are_killed(self):
+        """By the model's own clock: a handler that started (by what the worker was sent
+        and returned) more than --timeout ago has been killed."""
         world = self.world
         timeout = world.settings.timeout
         if world.fatal or not timeout:
             return
-        for worker in world.router.workers():
-            running = worker.running
-            if running is not None and worker.kill_reason is None and running.started_at is not None:
-                assert world.now < running.started_at + timeout, f"{worker!r} runs past --timeout unkilled"
+        for worker in world.workers.values():
+            if worker.holding and worker.head_since is not None and not worker.killed:
+                assert world.now < worker.head_since + timeout, f"{worker} runs past --timeout unkilled"
 
     @invariant()
     def workers_agree(self):
