@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -252,7 +253,9 @@ def test_a_window_runs_in_order_and_term_hands_back_what_was_not_started(server,
     first means: finish it, ask to exit, start nothing more."""
     pid, conn = server.spawn()
     conn.sendall(b"".join(encode(message(i, {"id": i, "sleep": 0.3 if i == 1 else 0})) for i in (1, 2, 3)))
-    time.sleep(0.1)  # the first handler is running
+    wait_until(
+        lambda: "busy" in Path(f"/proc/{pid}/cmdline").read_text(), 5, message="the first handler running"
+    )
     os.kill(pid, signal.SIGTERM)
     first, request = read_frames(conn, 2)
     assert isinstance(first, OkFrame) and first.id == 1

@@ -49,7 +49,9 @@ def started_links() -> tuple[WorkerLinks, FakeFork, Recorder]:
     links = WorkerLinks(fork, lambda name, fn, *args: gevent.spawn(fn, *args), events)  # type: ignore[arg-type]
     gevent.spawn(links.spawner_loop)
     links.spawn(1)
-    gevent.sleep(0.01)
+    with gevent.Timeout(5, AssertionError("the spawner never made the link")):
+        while not len(links):
+            gevent.sleep(0.001)  # poll with a deadline: the spawner greenlet runs meanwhile
     return links, fork, events
 
 
@@ -89,8 +91,7 @@ def test_a_failed_write_names_the_frames_that_did_not_go_out():
     links.send_message(1, delivery(1))
     links.flush()
     read_frames(fork.peers[1], 1)  # the first reached the worker
-    fork.peers[1].close()
-    gevent.sleep(0.01)
+    fork.peers[1].close()  # the next write fails at once: nothing to wait for
     links.send_message(1, delivery(2))
     links.send_message(1, delivery(3))
     links.flush()
