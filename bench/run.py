@@ -106,26 +106,22 @@ def raw_kombu(queue: str, count: int) -> tuple[float, float]:
     return count / (last - first), cpu / count
 
 
+def runner(
+    handler: str, queue: str, workers: int, *options: str, **env: str
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of `speed-gevent run bench.handlers:<handler>` on this checkout,
+    with a fixed pool of `workers` (the benchmark's only non-default options)."""
+    argv = [sys.executable, "-m", "speed_gevent", "run", f"bench.handlers:{handler}", "-q", queue,
+            "--min-workers", str(workers), "--max-workers", str(workers), *options]  # fmt: skip
+    full_env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "SPEED_GEVENT_BROKER": BROKER, **env}
+    return argv, full_env
+
+
 def speed_gevent(queue: str, count: int, workers: int, handler: str = "noop") -> tuple[float, float]:
     """`speed-gevent run` until the queue is drained: (msg/s from its summary, tree CPU s
     per message, counted through RUSAGE_CHILDREN: the master reaps the fork server, which
     reaps the workers)."""
-    args = [
-        sys.executable,
-        "-m",
-        "speed_gevent",
-        "run",
-        f"bench.handlers:{handler}",
-        "-q",
-        queue,
-        "--min-workers",
-        str(workers),
-        "--max-workers",
-        str(workers),
-        "--exit-when-idle",
-        "1s",
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "SPEED_GEVENT_BROKER": BROKER}
+    args, env = runner(handler, queue, workers, "--exit-when-idle", "1s")
     cpu = children_cpu()
     out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900).stderr
     cpu = children_cpu() - cpu
@@ -193,29 +189,11 @@ def latency_raw(queue: str, count: int, rate: float) -> list[float]:
 def latency_speed(queue: str, count: int, rate: float, workers: int = 2) -> list[float]:
     declare(queue)
     with tempfile.NamedTemporaryFile(prefix="sg-latency-") as record:
-        args = [
-            sys.executable,
-            "-m",
-            "speed_gevent",
-            "run",
-            "bench.handlers:latency",
-            "-q",
-            queue,
-            "--min-workers",
-            str(workers),
-            "--max-workers",
-            str(workers),
-        ]
-        env = {
-            **os.environ,
-            "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}",
-            "SPEED_GEVENT_BROKER": BROKER,
-            "SG_BENCH_LATENCY": record.name,
-        }
-        runner = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        args, env = runner("latency", queue, workers, SG_BENCH_LATENCY=record.name)
+        process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         try:
-            assert runner.stderr is not None
-            for line in runner.stderr:  # wait until it consumes and its workers are up
+            assert process.stderr is not None
+            for line in process.stderr:  # wait until it consumes and its workers are up
                 if "consuming" in line:
                     break
             time.sleep(1.0)
@@ -226,8 +204,8 @@ def latency_speed(queue: str, count: int, rate: float, workers: int = 2) -> list
                     raise BenchError("speed-gevent did not handle every latency message")
                 time.sleep(0.05)
         finally:
-            runner.send_signal(signal.SIGTERM)
-            runner.communicate(timeout=60)
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=60)
         return [float(line) for line in Path(record.name).read_text().split()]
 
 
@@ -246,23 +224,10 @@ def idle_memory(workers: int) -> tuple[float, float]:
 
     queue = fresh_queue("memory")
     declare(queue)
-    args = [
-        sys.executable,
-        "-m",
-        "speed_gevent",
-        "run",
-        "bench.handlers:noop",
-        "-q",
-        queue,
-        "--min-workers",
-        str(workers),
-        "--max-workers",
-        str(workers),
-    ]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "SPEED_GEVENT_BROKER": BROKER}
-    runner = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    args, env = runner("noop", queue, workers)
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
     try:
-        master = psutil.Process(runner.pid)
+        master = psutil.Process(process.pid)
         deadline = time.monotonic() + 60
         while True:
             tree = [master, *master.children(recursive=True)]
@@ -278,8 +243,8 @@ def idle_memory(workers: int) -> tuple[float, float]:
         uss = max(info.uss for p, info in infos if "worker" in " ".join(p.cmdline())) / 1e6
         return pss, uss
     finally:
-        runner.send_signal(signal.SIGTERM)
-        runner.wait(60)
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
         drop(queue)
 
 

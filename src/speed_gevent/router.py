@@ -674,10 +674,10 @@ class Router:
         for _ in range(self.settings.min_workers - active):
             self._spawn(now)
 
-    def _spawn(self, now: float, replacement: bool = False) -> int:
+    def _spawn(self, now: float) -> int:
         self._next_worker += 1
         worker_id = self._next_worker
-        self._workers[worker_id] = WorkerSlot(worker_id, now, replacement)
+        self._workers[worker_id] = WorkerSlot(worker_id, now)
         self._out.append(Spawn(worker_id))
         return worker_id
 
@@ -787,7 +787,7 @@ class Router:
             old = self._workers.get(self._replace_queue.pop(0))
             if old is not None and old.is_active:
                 self._replaced = old.worker_id
-                self._replacement = self._spawn(now, replacement=True)
+                self._replacement = self._spawn(now)
                 return
         logger.info("rolling restart done")
 

@@ -29,16 +29,15 @@ class InFlight:
 
 
 class WorkerSlot:
-    __slots__ = ("worker_id", "pid", "state", "held", "spawned_at", "last_busy_at", "handled",
+    __slots__ = ("worker_id", "pid", "state", "held", "last_busy_at", "handled",
                  "failed", "booted", "stop_sent", "retire_reason", "kill_reason", "kill_target",
-                 "memory_bytes", "replacement")  # fmt: skip
+                 "memory_bytes")  # fmt: skip
 
-    def __init__(self, worker_id: int, now: float, replacement: bool = False) -> None:
+    def __init__(self, worker_id: int, now: float) -> None:
         self.worker_id = worker_id
         self.pid: int | None = None
         self.state = WorkerState.BOOTING
         self.held: deque[InFlight] = deque()
-        self.spawned_at = now
         self.last_busy_at = now
         self.handled = 0
         self.failed = 0
@@ -48,7 +47,6 @@ class WorkerSlot:
         self.kill_reason: str | None = None  #: why the router asked for a SIGKILL, if it did
         self.kill_target: int | None = None  #: the delivery whose handler the kill was for
         self.memory_bytes: int | None = None  #: last patrol sample
-        self.replacement = replacement  #: spawned by a rolling restart (HUP)
 
     def __repr__(self) -> str:
         return f"<worker {self.worker_id} pid={self.pid} {self.state.value} holding {len(self.held)}>"
