@@ -160,6 +160,7 @@ class Router:
         self._stragglers_killed = False
         self._timer_at: float | None = None
         self._last_delivery_at = now
+        self._consuming = False  # basic_consume sent: the idle clock runs
         self._replace_queue: list[int] = []
         self._replacement: int | None = None  # the new worker a rolling restart waits for
         self._replaced: int | None = None  # the old worker it takes over from
@@ -198,6 +199,14 @@ class Router:
             self.phase = Phase.RUNNING
             self._last_delivery_at = now
             self._refill(now)
+        return self._emit()
+
+    def consuming(self, now: float) -> list[Action]:
+        """basic_consume went out: the --exit-when-idle clock starts now (never while the
+        floor boots, when no message can arrive)."""
+        if not self._consuming and self.phase is Phase.RUNNING:
+            self._consuming = True
+            self._last_delivery_at = now
             if self.settings.exit_when_idle:
                 self._arm(now + self.settings.exit_when_idle)
         return self._emit()
@@ -743,16 +752,15 @@ class Router:
 
     def _lost_messages(self, worker: WorkerSlot, how: str, now: float) -> None:
         """What a gone worker held: the running message failed an attempt, unless our own
-        kill ended it for another reason (a stop, the consumer timeout of its window, or a
-        timeout of the message before it, whose result came in just before the kill): then
-        it goes back uncounted, as do the unstarted ones."""
+        kill ended it for another reason (a stop, or a kill meant for the message before
+        it, whose result came in just before the kill): then it goes back uncounted, as do
+        the unstarted ones."""
         held = list(worker.held)
         worker.held.clear()
         running = held[0] if held and held[0].started_at is not None else None
         if running is not None:
-            ours = worker.kill_reason in ("stop", "consumer-timeout") or self._immediate
-            if worker.kill_reason == "timeout" and worker.kill_target != running.delivery.id:
-                ours = True
+            meant_for_another = worker.kill_target is not None and worker.kill_target != running.delivery.id
+            ours = worker.kill_reason == "stop" or self._immediate or meant_for_another
             if not ours:
                 held.pop(0)
                 self.counters.crashes += 1
@@ -761,6 +769,14 @@ class Router:
         self._requeue_unstarted(held, now)
 
     def _crash_failure(self, worker: WorkerSlot, how: str) -> Failure:
+        if worker.kill_reason == "consumer-timeout":
+            return Failure(
+                FailureKind.TIMEOUT,
+                "ConsumerTimeout",
+                f"the handler still ran with messages waiting behind it near --consumer-timeout "
+                f"{self.settings.consumer_timeout:g}s",
+                exit_status=how,
+            )
         if worker.kill_reason == "timeout":
             return Failure(
                 FailureKind.TIMEOUT,
@@ -773,11 +789,15 @@ class Router:
         )
 
     def _requeue_unstarted(self, held: Iterable[InFlight], now: float) -> None:
+        """Unstarted messages go back to the front of the cache, uncounted; one that has
+        already waited near the consumer timeout goes back to the broker instead."""
+        age = self._cache_age_limit()
         for entry in reversed(list(held)):
             delivery = entry.delivery
-            if self.phase is Phase.RUNNING and delivery.generation == self.generation:
+            fresh = delivery.received_at + age > now
+            if fresh and self.phase is Phase.RUNNING and delivery.generation == self.generation:
                 self._cache.put_front(delivery)
-                self._arm(now + self._cache_age_limit())
+                self._arm(delivery.received_at + age)
             else:
                 self._give_back(delivery)
 
@@ -921,21 +941,26 @@ class Router:
             if len(held) < 2 or worker.kill_reason is not None:
                 continue
             waited = held[1].delivery.received_at
-            if worker.state is WorkerState.BUSY and waited + age <= now:
+            if waited + last <= now:
+                # TERM did not free it in time (or this tick came late): the handler still
+                # runs and the broker would close the channel over the window, so the worker
+                # goes instead. Its handler counts a failed attempt (rule 4): one that hangs
+                # forever ends dead-lettered instead of cycling.
+                logger.error(
+                    "worker %s (pid %s): its handler still runs and delivery %s in its window nears the "
+                    "consumer timeout; killing it (the running message counts a failed attempt, the "
+                    "others go back uncounted)",
+                    worker.worker_id, worker.pid, held[1].delivery.id,
+                )  # fmt: skip
+                self._withdraw(worker)
+                self._kill(worker, "consumer-timeout")
+                worker.kill_target = held[0].delivery.id
+            elif worker.state is WorkerState.BUSY and waited + age <= now:
                 logger.warning(
                     "worker %s (pid %s): delivery %s waited in its window near the consumer timeout; "
                     "taking its window back", worker.worker_id, worker.pid, held[1].delivery.id,
                 )  # fmt: skip
                 self._retire(worker, "window near the consumer timeout", counted=True)
-            elif worker.state is WorkerState.RETIRING and waited + last <= now:
-                # TERM did not free it in time (its handler still runs): the broker would
-                # close the channel over the window, so the worker goes instead.
-                logger.error(
-                    "worker %s (pid %s): its handler still runs and delivery %s in its window nears the "
-                    "consumer timeout; killing it (its messages go back uncounted)",
-                    worker.worker_id, worker.pid, held[1].delivery.id,
-                )  # fmt: skip
-                self._kill(worker, "consumer-timeout")
         for delivery in self._cache.expire(now, age):
             logger.warning(
                 "delivery %s waited %.0fs in the cache; giving it back before the broker's consumer timeout",
@@ -946,7 +971,7 @@ class Router:
 
     def _check_idle_exit(self, now: float) -> None:
         limit = self.settings.exit_when_idle
-        if not limit:
+        if not limit or not self._consuming:
             return
         quiet = now - self._last_delivery_at
         if quiet >= limit and not self._cache and not self.busy() and not self._republishing:
@@ -974,7 +999,7 @@ class Router:
                 times.append(self._drain_deadline)
             if self._kill_deadline is not None:
                 times.append(self._kill_deadline)
-        elif self.phase is Phase.RUNNING and self.settings.exit_when_idle:
+        elif self.phase is Phase.RUNNING and self.settings.exit_when_idle and self._consuming:
             limit = self.settings.exit_when_idle
             times.append(max(self._last_delivery_at + limit, now + min(1.0, limit / 4)))
         return min(times) if times else None

@@ -194,8 +194,12 @@ class World:
 
     # -- events ----------------------------------------------------------------------------
 
-    def start(self) -> list[act.Action]:
-        return self.feed(self.router.start(self.now))
+    def start(self, consuming: bool = True) -> list[act.Action]:
+        """Start the router and, unless told otherwise, say that basic_consume went out."""
+        actions = self.feed(self.router.start(self.now))
+        if consuming:
+            actions += self.feed(self.router.consuming(self.now))
+        return actions
 
     def can_arrive(self) -> bool:
         """The broker's prefetch: never more unacked than --max-cache on this channel."""

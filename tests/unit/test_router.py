@@ -509,8 +509,8 @@ def test_no_window_behind_a_handler_that_runs_long():
 
 def test_a_window_that_term_cannot_free_is_killed_before_the_consumer_timeout():
     w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
-    w.arrive()
-    w.arrive()
+    running = w.arrive()
+    waiting = w.arrive()
     w.advance(90.0)
     assert w.workers[1].termed  # 90%: TERM asks for the window back
     w.advance(4.9)
@@ -518,5 +518,42 @@ def test_a_window_that_term_cannot_free_is_killed_before_the_consumer_timeout():
     w.advance(0.2)
     assert w.workers[1].killed
     w.die(1, KILLED)
-    assert w.publishes == {} and sorted(w.rejected) == [] and w.router.counters.crashes == 0
-    assert w.router.cached == 2, "both go back uncounted; the cache expiry returns them next"
+    (publish,) = w.publishes.values()
+    assert publish.delivery_id == running.id, "the hung handler counts a failed attempt (rule 4)"
+    assert w.rejected == [waiting.id], "the unstarted one goes straight back to the broker"
+    assert w.router.cached == 0 and w.router.counters.crashes == 1
+    w.ready_all()
+    assert w.holding() == {}, "nothing near the consumer timeout is handed to the new worker"
+
+
+def test_a_late_tick_past_95_percent_kills_the_window_in_the_same_pass():
+    w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
+    w.arrive()
+    w.arrive()
+    w.advance(97.0)  # the timer fired late: past the TERM and the kill deadlines at once
+    assert w.workers[1].killed, "the kill may not wait for another tick"
+
+
+def test_a_window_message_given_back_by_a_dying_worker_near_the_timeout_goes_to_the_broker():
+    w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
+    w.arrive()
+    waiting = w.arrive()
+    w.advance(90.0)
+    assert w.workers[1].termed and not w.workers[1].killed
+    w.advance(2.0)
+    w.die(1, KILLED)  # it crashes before the 95% kill
+    assert w.rejected == [waiting.id], "put back in the cache it would reach a worker past the timeout"
+    assert w.router.cached == 0
+
+
+def test_the_idle_clock_starts_when_consuming_starts():
+    w = World(RouterSettings(max_cache=4, min_workers=1, exit_when_idle=1.0))
+    w.start(consuming=False)
+    w.advance(5.0)  # the floor boots slowly: no message could have come
+    assert w.router.phase is Phase.RUNNING
+    w.ready_all()
+    w.feed(w.router.consuming(w.now))
+    w.advance(0.5)
+    assert w.router.phase is Phase.RUNNING
+    w.advance(0.6)
+    assert w.router.phase is Phase.DRAINING
