@@ -29,7 +29,7 @@ from typing import Any
 import gevent
 import gevent.event
 from amqp import Message as AmqpMessage
-from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+from amqp.exceptions import AccessRefused, ChannelError, ConnectionForced, NotAllowed
 from amqp.transport import TCPTransport
 from kombu import Connection
 
@@ -174,6 +174,12 @@ class BrokerSession:
             tag = channel.basic_consume(queue=queue, callback=self._on_message, no_ack=False)
             self._queue_of[tag] = queue
 
+    def _consume(self, prefetch: dict[str, int]) -> None:
+        try:
+            self.start_consuming(prefetch)
+        except ChannelError as exc:  # an exclusive consumer elsewhere, a queue deleted meanwhile
+            raise BrokerError(f"cannot consume from {', '.join(prefetch)}: {exc}") from None
+
     def _on_message(self, msg: AmqpMessage) -> None:
         info = msg.delivery_info
         self._next_id += 1
@@ -212,6 +218,11 @@ class BrokerSession:
     def publish(self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm) -> None:
         """Publish to the default exchange, mandatory; `on_confirm(ok, why)` runs once confirmed."""
         self._put(("publish", routing_key, body, properties, on_confirm))
+
+    def consume(self, prefetch: dict[str, int], on_done: Callable[[], None]) -> None:
+        """Start consuming from the consumer greenlet (which already services heartbeats
+        while the floor boots); `on_done()` runs there once every consume-ok is in."""
+        self._put(("consume", prefetch, on_done))
 
     def cancel(self, on_done: Callable[[], None]) -> None:
         """Stop consuming every queue (basic.cancel); cached deliveries stay ours to settle."""
@@ -370,6 +381,9 @@ class BrokerSession:
                     self._channel.basic_reject(op[1].tag, requeue=op[2])
             elif op[0] == "publish":
                 self._publish(*op[1:])
+            elif op[0] == "consume":
+                self._consume(op[1])
+                op[2]()
             elif op[0] == "cancel":
                 for tag in list(self._queue_of):
                     self._channel.basic_cancel(tag)

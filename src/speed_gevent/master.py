@@ -32,7 +32,7 @@ from . import actions as act
 from .broker import BrokerSession, ConnectionLost
 from .config import Settings, load_settings
 from .delivery import Delivery
-from .errors import ExitCode, FatalError
+from .errors import BrokerError, ExitCode, FatalError
 from .forkclient import ForkClient
 from .links import WorkerLinks
 from .osproc import sample_memory, set_title
@@ -72,6 +72,7 @@ class Master:
         self._finishing = False
         self._failing = False
         self._started = False
+        self._drained_early: str | None = None  # a Drained that came while _start ran
         self._exit_code = ExitCode.OK
         self._callbacks: dict[str, list[Callable[..., Any]]] = {name: [] for name in MASTER_EVENTS}
         self._signal_callbacks: dict[int, list[Callable[..., Any]]] = {}
@@ -136,8 +137,8 @@ class Master:
         try:
             self._start()
             self._started = True
-            if self._stop_asked.is_set() and self._router.phase in (Phase.STARTING, Phase.STOPPED):
-                self._close("stopped during start")  # a stop came before consuming began
+            if self._drained_early is not None:
+                self._close(self._drained_early)  # the router drained before start was over
             self._done.wait()
         finally:
             self._fork.stop(timeout=CLOSE_TIMEOUT)
@@ -166,6 +167,8 @@ class Master:
         self._apply(self._router.start(time.monotonic()))
         self._spawn("timer", self._timer_loop)
         self._spawn("patrol", self._patrol_loop)
+        # The consumer greenlet runs from here on, so heartbeats flow while the floor boots.
+        self._spawn("consumer", self._consume_loop)
         # The floor boots before the first basic_consume, so no delivery waits unacked for
         # a worker that is still forking (bounded: a slow `start` event delays nothing long).
         if settings.min_workers == 0:
@@ -176,8 +179,12 @@ class Master:
         prefetch = settings.prefetch_per_queue()
         # The router runs before the first basic_consume: deliveries for the first queue
         # can arrive while the next consume waits for its consume-ok, and they are kept.
-        self._session.start_consuming(prefetch)
-        self._spawn("consumer", self._consume_loop)
+        self._session.consume(prefetch, lambda: self._consuming(prefetch))
+
+    def _consuming(self, prefetch: dict[str, int]) -> None:
+        """Every consume-ok is in (called in the consumer greenlet; never yields)."""
+        settings = self.settings
+        self._apply(self._router.consuming(time.monotonic()))
         logger.info(
             "master %s (pid %s) consuming %s from %s with %d-%d workers, prefetch %s",
             settings.name,
@@ -258,7 +265,9 @@ class Master:
         elif isinstance(action, act.Drained):
             if self._started:
                 self._spawn("closer", self._close, action.how)
-            # else: _start is still running and closes up itself when it sees the stop
+            else:  # _start is still running: it stops at the next step, and run() closes up
+                self._drained_early = action.how
+                self._stop_asked.set()
         elif isinstance(action, act.Fatal):
             self._fatal(action.reason)
 
@@ -280,6 +289,8 @@ class Master:
                 f"lost the connection to {self._session.masked_url}: {why}; unacked "
                 "messages go back to the broker (reconnecting is not implemented yet)"
             )
+        except BrokerError as exc:
+            self._fatal(mask_secrets(str(exc), self.settings.broker))
 
     def _timer_loop(self) -> None:
         """The router's one timer: sleep until the time it asked for, then `tick`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from speed_gevent import App
 
@@ -29,6 +30,7 @@ def started(worker) -> None:
     if os.environ.get("SG_FAIL_START"):
         raise RuntimeError("start event fails on purpose")
     _note("start", worker=worker.id)
+    time.sleep(float(os.environ.get("SG_SLOW_START", "0")))
 
 
 @app.on("message")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import BROKER, ROOT
-from tests.helpers import publish_ids, read_records
+from tests.conftest import BROKER, ROOT, wait_until
+from tests.helpers import ids_in, publish_ids, read_records
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,3 +70,35 @@ def test_seed_example_runs(queue_names):
     assert "started" in result.stdout and "patrolling" in result.stdout
     assert "exit!!!" in result.stdout, result.stdout
     assert "handled 10 (failed 0)" in result.stderr
+
+
+def test_a_slow_floor_neither_starts_the_idle_clock_nor_starves_heartbeats(run_cli, queue_names, tmp_path):
+    """The floor takes longer to boot than --exit-when-idle and than the broker waits for
+    a heartbeat: consuming starts once it is up, everything is handled, then the idle
+    stop ends the run with 0 (it used to hang, or lose the connection)."""
+    queue = queue_names()
+    publish_ids(queue, [1, 2, 3])
+    record = tmp_path / "rec"
+    runner = run_cli(
+        "run", "tests.apps.lifecycle:app", "-q", queue, "--min-workers", "1", "--max-workers", "1",
+        "--exit-when-idle", "1s", "--heartbeat", "2s",
+        env={"SG_RECORD": str(record), "SG_SLOW_START": "7"},
+    )  # fmt: skip
+    assert runner.wait(60) == 0, runner.output()[-2000:]
+    handled = sorted(r["id"] for r in read_records(record) if r["event"] == "handled")
+    assert handled == [1, 2, 3], runner.output()[-2000:]
+    assert ids_in(queue) == []
+
+
+def test_term_while_the_floor_boots_stops_cleanly(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, [1])
+    record = tmp_path / "rec"
+    runner = run_cli(
+        "run", "tests.apps.lifecycle:app", "-q", queue, "--min-workers", "1",
+        env={"SG_RECORD": str(record), "SG_SLOW_START": "3"},
+    )  # fmt: skip
+    wait_until(lambda: record.exists() and read_records(record), 20, message="a worker booting")
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(30) == 0, runner.output()[-2000:]
+    assert ids_in(queue) == [1], "nothing was consumed: the message is still in the queue"
