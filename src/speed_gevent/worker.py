@@ -73,9 +73,14 @@ class Worker:
         self._state = ""
 
     def stop(self, reason: str = "requested") -> None:
-        """Leave after the current message (through the master's handshake)."""
+        """Leave after the current message (through the master's handshake). Safe from
+        any thread and any handler: it only sets a flag; a signal handler wakes the idle
+        wait once all its callbacks ran (another thread's stop is seen within IDLE_RECHECK)."""
         self._exit_reason = reason
-        if self._idle:
+
+    def _wake_if_stopping(self) -> None:
+        """Called last in a signal handler (the main thread): leave the idle wait now."""
+        if self._idle and self._exit_reason is not None and not self._exit_requested:
             raise _Wakeup()
 
     def title(self, state: str) -> None:
@@ -192,11 +197,19 @@ def _safe_str(exc: BaseException) -> str:
 def _install_signals(worker: Worker) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: worker.stop("TERM received"))
+    signal.signal(signal.SIGTERM, _on_term(worker))
     for sig in (signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(sig, signal.SIG_DFL)
     for signum, callbacks in worker.app.signal_handlers.items():
         signal.signal(signum, _user_signal(worker, callbacks))
+
+
+def _on_term(worker: Worker) -> object:
+    def handle(signum: int, frame: object) -> None:
+        worker.stop("TERM received")
+        worker._wake_if_stopping()
+
+    return handle
 
 
 def _user_signal(worker: Worker, callbacks: list) -> object:
@@ -206,6 +219,7 @@ def _user_signal(worker: Worker, callbacks: list) -> object:
                 callback(signum, worker)
             except Exception:
                 logger.exception("worker signal handler %r raised", callback)
+        worker._wake_if_stopping()  # after every callback ran, even if one called stop()
 
     return handle
 

@@ -280,7 +280,8 @@ def test_an_idle_worker_sleeps_in_the_kernel_not_in_a_poll_loop(server):
 
 def test_a_user_signal_handler_that_stops_an_idle_worker_wakes_it_at_once():
     """worker.stop() from a handler's own signal handler: the idle wait is left at once
-    (the wake-up is not an Exception a handler's `except Exception` would swallow)."""
+    (the wake-up is not an Exception a handler's `except Exception` would swallow), and
+    only after every callback for that signal ran."""
     harness = ForkServerHarness("tests.apps.stopper:app")
     try:
         pid, conn = harness.spawn()
@@ -288,6 +289,6 @@ def test_a_user_signal_handler_that_stops_an_idle_worker_wakes_it_at_once():
         read_frames(conn, 1)  # it handled one and is idle now
         os.kill(pid, signal.SIGUSR1)
         conn.settimeout(2)  # well under the idle wait's recheck
-        assert read_frames(conn, 1) == [ExitRequestFrame("USR1 asked")]
+        assert read_frames(conn, 1) == [ExitRequestFrame("USR1 asked twice")]
     finally:
         harness.close()
