@@ -1,5 +1,6 @@
 """speed-gevent's benchmark: every figure beside a reference measured in the same run.
 
+    .venv/bin/pip install -e '.[bench]'      # the peers: pika, Celery, Dramatiq
     .venv/bin/python bench/run.py            # the table: 5 interleaved repetitions
     .venv/bin/python bench/run.py --quick    # one short round of each part (CI: it works)
 
@@ -8,7 +9,8 @@ with N persistent messages, drains it, and checks that N were handled and the qu
 empty. Repetitions interleave the consumers, and every ratio is taken to the raw kombu
 consumer of the same repetition; the table shows medians with min–max. speed-gevent runs
 with default options but `--min-workers` = `--max-workers`. Targets come from DESIGN.md.
-Peers (Celery, Dramatiq, pika) are not measured here yet.
+The peers (raw pika, Celery, Dramatiq) come from the optional `bench` dependency group and
+run only in the full benchmark; `--quick` measures speed-gevent and raw kombu alone.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def ready(queue: str) -> int:
 def drop(queue: str) -> None:
     with Connection(BROKER) as conn:
         channel = conn.connection.channel()
-        for name in (queue, queue + ".dead"):
+        for name in (queue, queue + ".dead", queue + ".DQ", queue + ".XQ"):  # ours, Dramatiq's
             try:
                 channel.queue_delete(name)
             except Exception:
@@ -106,6 +108,104 @@ def raw_kombu(queue: str, count: int) -> tuple[float, float]:
     return count / (last - first), cpu / count
 
 
+def raw_pika(queue: str, count: int) -> tuple[float, float]:
+    """The same consumer on pika's BlockingConnection: (msg/s, CPU s per message)."""
+    import pika
+
+    from bench.peer_apps import pika_url
+
+    seen = 0
+    first = last = 0.0
+
+    def on_message(channel, method, properties, body) -> None:  # type: ignore[no-untyped-def]
+        nonlocal seen, first, last
+        if seen == 0:
+            first = time.perf_counter()
+        channel.basic_ack(method.delivery_tag)
+        seen += 1
+        last = time.perf_counter()
+        if seen >= count:
+            channel.stop_consuming()
+
+    cpu = time.process_time()
+    connection = pika.BlockingConnection(pika.URLParameters(pika_url(BROKER)))
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=100)
+        channel.basic_consume(queue, on_message)
+        channel.start_consuming()
+    finally:
+        connection.close()
+    cpu = time.process_time() - cpu
+    return count / (last - first), cpu / count
+
+
+# -- the peers: their own CLIs, their own message formats, each call stamped into a file ------
+
+
+def peer_env(peer: str, queue: str, handler: str, record: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'src'}", "SPEED_GEVENT_BROKER": BROKER,
+            "SG_BENCH_PEER": peer, "SG_BENCH_QUEUE": queue, "SG_BENCH_HANDLER": handler,
+            "SG_BENCH_RECORD": record}  # fmt: skip
+
+
+def fill_peer(peer: str, queue: str, count: int) -> None:
+    """Fill `queue` with `count` persistent messages in the peer's own format, the peer's
+    own way (so its queue is declared with the arguments it expects)."""
+    from bench import peer_apps
+
+    if peer == "celery":
+        app = peer_apps.celery_app(queue)
+        task = app.tasks["bench.handle"]
+        with app.producer_or_acquire() as producer:
+            for _ in range(count):
+                task.apply_async(producer=producer)
+        app.close()
+    else:
+        actor = peer_apps.dramatiq_actor(queue)
+        for _ in range(count):
+            actor.send()
+        actor.broker.close()
+
+
+def peer_command(peer: str, queue: str, workers: int) -> list[str]:
+    if peer == "celery":  # prefork, late acks (peer_apps), default prefetch
+        return [sys.executable, "-m", "celery", "-A", "bench.peer_apps:app", "worker", "-P", "prefork",
+                "-c", str(workers), "-Q", queue, "--without-gossip", "--without-mingle",
+                "--without-heartbeat", "-l", "WARNING"]  # fmt: skip
+    return [sys.executable, "-m", "dramatiq", "bench.peer_apps", "-p", str(workers), "-t", "1", "-Q", queue]
+
+
+def run_peer(peer: str, queue: str, count: int, workers: int, handler: str = "noop") -> tuple[float, float]:
+    """Run the peer's worker until `count` handler calls are stamped, then stop it with
+    TERM: (msg/s from the first stamp to the last, tree CPU s per message). More stamps
+    than messages (a redelivery) fail the run, as fewer do."""
+    with tempfile.NamedTemporaryFile(prefix=f"sg-{peer}-") as record, tempfile.TemporaryFile() as log:
+        path = Path(record.name)
+        cpu = children_cpu()
+        process = subprocess.Popen(
+            peer_command(peer, queue, workers), cwd=ROOT, env=peer_env(peer, queue, handler, record.name),
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 900
+            while path.read_bytes().count(b"\n") < count:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    tail = log.read().decode(errors="replace")[-1500:]
+                    raise BenchError(f"{peer} stopped before handling {count} messages:\n{tail}")
+                time.sleep(0.1)
+            time.sleep(0.5)  # let the last acks leave before the stop
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(120)
+        cpu = children_cpu() - cpu
+        stamps = [float(line) for line in path.read_text().split()]
+    if len(stamps) != count:
+        raise BenchError(f"{peer} handled {len(stamps)} messages, not {count}")
+    return count / (max(stamps) - min(stamps)), cpu / count
+
+
 def runner(
     handler: str, queue: str, workers: int, *options: str, **env: str
 ) -> tuple[list[str], dict[str, str]]:
@@ -131,11 +231,16 @@ def speed_gevent(queue: str, count: int, workers: int, handler: str = "noop") ->
     return float(match.group(3)), cpu / count
 
 
-def drained(run, label: str, count: int, *args):  # type: ignore[no-untyped-def]
+def drained(run, label: str, count: int, *args, peer: str = ""):  # type: ignore[no-untyped-def]
+    """Fill a fresh queue, drain it with `run`, check that it is empty, delete it."""
     queue = fresh_queue(label)
     try:
-        fill(queue, count)
-        result = run(queue, count, *args)
+        if peer:
+            fill_peer(peer, queue, count)
+            result = run(peer, queue, count, *args)
+        else:
+            fill(queue, count)
+            result = run(queue, count, *args)
         if ready(queue):
             raise BenchError(f"{label}: {ready(queue)} messages left in the queue")
         return result
@@ -263,84 +368,122 @@ def verdict(value: float, target: float, at_least: bool) -> str:
     return ("≥" if at_least else "≤") + f" {target:g}  " + ("ok" if ok else "MISSED")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one short round of each part")
-    parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--count", type=int, default=20000, help="messages per throughput run")
-    args = parser.parse_args()
-    reps = 1 if args.quick else args.repetitions
-    count = 2000 if args.quick else args.count
-    slow_count = 400 if args.quick else 8000
-    lat_count = 200 if args.quick else 2000
+def peers_installed() -> bool:
+    import importlib.util
 
-    rows: list[str] = []
-    raw, ours, ratios, raw_cpu, our_cpu = [], [], [], [], []
+    return all(importlib.util.find_spec(name) for name in ("celery", "dramatiq", "pika"))
+
+
+LABELS = {"raw kombu": "raw kombu, 1 process, ack each", "raw pika": "raw pika, 1 process, ack each",
+          "celery": "Celery prefork, acks_late", "dramatiq": "Dramatiq processes x 1 thread",
+          "speed-gevent": "speed-gevent"}  # fmt: skip
+
+
+def consume(name: str, count: int, workers: int = 2, handler: str = "noop") -> tuple[float, float]:
+    """One drained run of consumer `name`: (msg/s, tree CPU s per message)."""
+    label = f"{name.split()[-1]}{workers}"
+    if name == "raw kombu":
+        return drained(raw_kombu, label, count)
+    if name == "raw pika":
+        return drained(raw_pika, label, count)
+    if name == "speed-gevent":
+        return drained(speed_gevent, label, count, workers, handler)
+    return drained(run_peer, label, count, workers, handler, peer=name)
+
+
+def throughput_rows(names: list[str], reps: int, count: int) -> list[str]:
+    """No-op throughput: every consumer once per round, ratios to that round's raw kombu."""
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    cpus: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(reps):
-        rate, cpu = drained(raw_kombu, "raw", count)
-        raw.append(rate)
-        raw_cpu.append(cpu)
-        rate, cpu = drained(speed_gevent, "sg", count, 2)
-        ours.append(rate)
-        our_cpu.append(cpu)
-        ratios.append(ours[-1] / raw[-1])
-        print(
-            f"round {rep + 1}/{reps}: raw kombu {raw[-1]:.0f} msg/s, speed-gevent {ours[-1]:.0f} msg/s",
-            flush=True,
-        )
-    rows.append(f"{'no-op, raw kombu (1 process, ack each)':<44} {spread(raw):>22} msg/s   1.00")
-    median_ratio = statistics.median(ratios)
-    rows.append(
-        f"{'no-op, speed-gevent, 2 workers':<44} {spread(ours):>22} msg/s   "
-        f"{spread(ratios, '{:.2f}')}x   {verdict(median_ratio, 0.8, True)}"
-    )
-    rows.append(
-        f"{'CPU per message (µs), raw kombu / speed-gevent tree':<44} "
-        f"{spread([c * 1e6 for c in raw_cpu]):>10} / {spread([c * 1e6 for c in our_cpu])}"
-    )
-
-    for workers in (2, 8) if args.quick else (2, 4, 8):
-        effs = []
-        for _ in range(reps):
-            rate, _cpu = drained(speed_gevent, f"sleep{workers}", slow_count, workers, "sleep_10ms")
-            effs.append(rate / (workers * 100))
-        target = verdict(statistics.median(effs), 0.95, True) if workers == 8 else ""
+        for name in names:
+            rate, cpu = consume(name, count)
+            rates[name].append(rate)
+            cpus[name].append(cpu)
+        for name in names:
+            ratios[name].append(rates[name][-1] / rates["raw kombu"][-1])
+        done = ", ".join(f"{name} {rates[name][-1]:.0f}" for name in names)
+        print(f"round {rep + 1}/{reps}: {done} msg/s", flush=True)
+    rows = [f"{'no-op, 2 processes':<36} {'msg/s':>22}   {'vs raw kombu':<18} {'tree CPU µs/msg':>15}"]
+    for name in names:
+        target = verdict(statistics.median(ratios[name]), 0.8, True) if name == "speed-gevent" else ""
         rows.append(
-            f"{f'10 ms handler, {workers} workers: efficiency':<44} {spread(effs, '{:.3f}'):>22}   {target}"
+            f"{LABELS[name]:<36} {spread(rates[name]):>22}   {spread(ratios[name], '{:.2f}') + 'x':<18} "
+            f"{spread([c * 1e6 for c in cpus[name]]):>15}   {target}"
         )
+    return rows
 
-    p50s, p99s = [], []
-    for _ in range(1 if args.quick else 3):
-        raw_lat = latency_raw(fresh_queue("lat-raw"), lat_count, 200.0)
-        our_lat = latency_speed(fresh_queue("lat-sg"), lat_count, 200.0)
+
+def efficiency_rows(names: list[str], reps: int, count: int, pools: tuple[int, ...]) -> list[str]:
+    """A 10 ms handler: handled/s over workers x 100 (the ideal), each consumer once per round."""
+    rows = [f"{'10 ms handler, efficiency':<36} " + "".join(f"{LABELS[n].split(',')[0]:>24}" for n in names)]
+    for workers in pools:
+        effs: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(reps):
+            for name in names:
+                rate, _cpu = consume(name, count, workers, "sleep_10ms")
+                effs[name].append(rate / (workers * 100))
+        target = verdict(statistics.median(effs["speed-gevent"]), 0.95, True) if workers == 8 else ""
+        cells = "".join(f"{spread(e, '{:.3f}'):>24}" for e in effs.values())
+        rows.append(f"{f'  {workers} workers':<36} {cells}   {target}")
+        medians = ", ".join(f"{name} {statistics.median(e):.3f}" for name, e in effs.items())
+        print(f"10 ms, {workers} workers: {medians}", flush=True)
+    return rows
+
+
+def latency_rows(rounds: int, count: int) -> list[str]:
+    """Publish to handler start at 200 msg/s, raw kombu and speed-gevent interleaved."""
+    rows, p50s, p99s = [], [], []
+    for _ in range(rounds):
+        raw_lat = latency_raw(fresh_queue("lat-raw"), count, 200.0)
+        our_lat = latency_speed(fresh_queue("lat-sg"), count, 200.0)
         p50s.append(percentile(our_lat, 0.5) / percentile(raw_lat, 0.5))
         p99s.append(percentile(our_lat, 0.99) / percentile(raw_lat, 0.99))
         rows.append(
-            f"{'  latency ms raw p50/p99, ours p50/p99':<44} "
+            f"{'  latency ms raw p50/p99, ours p50/p99':<36} "
             f"{percentile(raw_lat, 0.5) * 1e3:.2f}/{percentile(raw_lat, 0.99) * 1e3:.2f}, "
             f"{percentile(our_lat, 0.5) * 1e3:.2f}/{percentile(our_lat, 0.99) * 1e3:.2f}"
         )
-    rows.append(
-        f"{'latency at 200 msg/s vs raw kombu, p50':<44} {spread(p50s, '{:.2f}'):>22}x   "
-        f"{verdict(statistics.median(p50s), 1.2, False)}"
-    )
-    rows.append(
-        f"{'latency at 200 msg/s vs raw kombu, p99':<44} {spread(p99s, '{:.2f}'):>22}x   "
-        f"{verdict(statistics.median(p99s), 1.4, False)}"
-    )
+    for share, values, target in (("p50", p50s, 1.2), ("p99", p99s, 1.4)):
+        rows.append(
+            f"{f'latency, 200 msg/s, {share} vs raw kombu':<36} {spread(values, '{:.2f}'):>22}x   "
+            f"{verdict(statistics.median(values), target, False)}"
+        )
+    return rows
 
-    workers = 2 if args.quick else 8
+
+def memory_rows(workers: int) -> list[str]:
     pss, uss = idle_memory(workers)
-    rows.append(
-        f"{f'memory, master + fork server + {workers} idle workers':<44} {pss:>16.1f} MB PSS   "
-        f"{verdict(pss, 45, False) if workers == 8 else ''}"
-    )
-    rows.append(f"{'memory, largest idle worker':<44} {uss:>16.2f} MB USS   {verdict(uss, 2, False)}")
+    return [
+        f"{f'memory, master + fork server + {workers} idle':<36} {pss:>16.1f} MB PSS   "
+        f"{verdict(pss, 45, False) if workers == 8 else ''}",
+        f"{'memory, largest idle worker':<36} {uss:>16.2f} MB USS   {verdict(uss, 2, False)}",
+    ]
 
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round; speed-gevent, raw kombu")
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--count", type=int, default=20000, help="messages per no-op run")
+    args = parser.parse_args()
+    quick = args.quick
+    reps = 1 if quick else args.repetitions
+    peers = [] if quick else ["celery", "dramatiq"]
+    if peers and not peers_installed():
+        print("bench: the peers are missing: pip install -e '.[bench]' (or run --quick)", file=sys.stderr)
+        return 2
+    names = ["raw kombu", "speed-gevent"] if quick else ["raw kombu", "raw pika", *peers, "speed-gevent"]
+    rows = throughput_rows(names, reps, 2000 if quick else args.count)
+    rows += [""] + efficiency_rows([*peers, "speed-gevent"], reps, 400 if quick else 8000,
+                                   (2, 8) if quick else (2, 4, 8))  # fmt: skip
+    rows += [""] + latency_rows(1 if quick else 3, 200 if quick else 2000)
+    rows += [""] + memory_rows(2 if quick else 8)
     print()
     print(
-        f"speed-gevent benchmark ({'quick' if args.quick else f'{reps} repetitions'}, "
-        f"{count} messages per throughput run), broker {BROKER.split('@')[-1]}"
+        f"speed-gevent benchmark ({'quick' if quick else f'{reps} repetitions'}, "
+        f"{2000 if quick else args.count} messages per no-op run), broker {BROKER.split('@')[-1]}"
     )
     for row in rows:
         print(row)
