@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Seconds an idle worker sleeps in the kernel before it looks at its stop flag again.
 IDLE_RECHECK = 5
-#: Bytes read from the socket at once.
-READ_SIZE = 256 * 1024
+#: Bytes read from the socket at once (a reused buffer: every idle worker keeps it resident).
+READ_SIZE = 64 * 1024
 #: Longest traceback text sent back, in characters.
 TRACEBACK_LIMIT = 2000
 
