@@ -56,7 +56,7 @@ app.add_signal(signal.SIGUSR2, lambda signum, worker: print(f"worker {worker.pid
 def main() -> int:
     from gevent import monkey
 
-    monkey.patch_all()  # the master is a gevent process: patch before kombu is imported
+    monkey.patch_all()  # the master is a gevent process: patch before amqp is imported
     from speed_gevent.logsetup import setup_logging
     from speed_gevent.master import Master
 

@@ -1,6 +1,6 @@
 """Console entry point: monkey-patch first, then hand over to the CLI.
 
-gevent must patch the standard library before kombu or amqp import `socket`, so this
+gevent must patch the standard library before amqp imports `socket`, so this
 module imports nothing of ours but the CLI, and that only after `patch_all()`.
 """
 

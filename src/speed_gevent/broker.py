@@ -28,12 +28,13 @@ from typing import Any
 
 import gevent
 import gevent.event
+from amqp import Connection as AmqpConnection
 from amqp import Message as AmqpMessage
-from amqp.exceptions import AccessRefused, ChannelError, ConnectionForced, NotAllowed
+from amqp.exceptions import ChannelError
 from amqp.transport import TCPTransport
-from kombu import Connection
 
 from .actions import Ack
+from .amqpconn import open_connection
 from .amqpframes import split_frames
 from .delivery import Delivery
 from .errors import BrokerError
@@ -80,7 +81,7 @@ class BrokerSession:
         self._on_delivery = on_delivery
         self._take_acks = take_acks
         self._ack_timer: Any = None
-        self._conn: Connection | None = None
+        self._conn: AmqpConnection | None = None
         self._channel: Any = None
         self.generation = 0
         self._next_id = 0
@@ -101,18 +102,7 @@ class BrokerSession:
 
     def connect(self) -> None:
         """Open the connection and channel (BrokerError if refused, OSError if unreachable)."""
-        conn = Connection(
-            self.url, heartbeat=self._heartbeat or 0, connect_timeout=self._connect_timeout or 10
-        )
-        try:
-            conn.connect()
-        except (AccessRefused, NotAllowed) as exc:
-            conn.release()
-            raise BrokerError(f"broker {self.masked_url} refused us: {exc.reply_text}") from None
-        except ConnectionForced as exc:
-            conn.release()
-            raise OSError(f"broker closed the connection: {exc}") from None
-        self._conn = conn
+        self._conn = open_connection(self.url, self._heartbeat, self._connect_timeout, self.masked_url)
         self.generation += 1
         self._channel = self._open_channel()
         self.connected = True
@@ -150,7 +140,7 @@ class BrokerSession:
 
     def _open_channel(self) -> Any:
         assert self._conn is not None
-        channel = self._conn.connection.channel()
+        channel = self._conn.channel()
         channel.auto_decode = False  # bodies are bytes, whatever their content_encoding
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_confirm_ack)
@@ -248,7 +238,7 @@ class BrokerSession:
         if self.closed.is_set():
             return
         assert self._conn is not None
-        amqp_conn = self._conn.connection
+        amqp_conn = self._conn
         loop = gevent.get_hub().loop
         io = loop.io(amqp_conn.sock.fileno(), 1)
         self._ack_timer = loop.timer(ACK_DELAY)
@@ -261,7 +251,7 @@ class BrokerSession:
                 self._run_outbox()
                 now = time.monotonic()
                 if now >= next_heartbeat:
-                    self._conn.heartbeat_check()
+                    amqp_conn.heartbeat_tick(rate=2)
                     next_heartbeat = now + HEARTBEAT_TICK
                 if self._closing and self._ready_to_close(now):
                     break
@@ -346,7 +336,7 @@ class BrokerSession:
         self.connected = False
         try:
             if self._conn is not None:
-                self._conn.release()
+                self._conn.close()
         except Exception as exc:  # the broker may already be gone; nothing left to lose
             logger.debug("closing the connection: %s", exc)
         self.closed.set()

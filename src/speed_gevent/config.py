@@ -148,7 +148,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("broker", _broker, "amqp://guest:guest@localhost:5672//", "kombu broker URL",
+    Option("broker", _broker, "amqp://guest:guest@localhost:5672//", "AMQP broker URL",
            short="-b", metavar="URL"),
     Option("queue", _queues, (), "queue to consume; repeatable (env: comma-separated)",
            short="-q", metavar="NAME", repeatable=True),

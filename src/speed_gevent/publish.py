@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from amqp import Connection
 from amqp import Message as AmqpMessage
-from amqp.exceptions import AccessRefused, NotAllowed
-from kombu import Connection
 
+from .amqpconn import open_connection
 from .errors import BrokerError
 from .topology import declare_queue
 from .urls import mask_url
@@ -37,19 +37,15 @@ def publish_messages(
     properties: dict[str, Any] | None = None,
 ) -> int:
     """Publish `bodies` to `queue` via the default exchange; returns how many were confirmed."""
-    conn = Connection(url, connect_timeout=10)
+    conn = open_connection(url, None, 10, mask_url(url))
     try:
-        conn.connect()
-    except (AccessRefused, NotAllowed) as exc:
-        raise BrokerError(f"broker {mask_url(url)} refused us: {exc.reply_text}") from None
-    try:
-        channel = conn.connection.channel()
+        channel = conn.channel()
         declare_queue(channel, queue, queue_type, passive)
         if declare_dead:
             declare_queue(channel, queue + ".dead", queue_type, passive)
         return _publish_confirmed(conn, channel, queue, bodies, properties or {})
     finally:
-        conn.release()
+        conn.close()
 
 
 def _publish_confirmed(

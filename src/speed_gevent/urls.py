@@ -4,9 +4,10 @@ title, an error or the stats goes through `mask_url` first."""
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
-#: Schemes kombu's py-amqp transport accepts.
+#: Schemes accepted (kombu's names for py-amqp, so users' URLs carry over); amqps is TLS.
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
 _USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@]*)@")
@@ -49,3 +50,23 @@ def check_broker_url(url: str) -> str:
     if not parts.hostname:
         raise ValueError(f"malformed URL {mask_url(url)!r}: no host")
     return url
+
+
+def connection_params(url: str) -> dict[str, Any]:
+    """py-amqp `Connection` keywords for a checked AMQP URL, read as kombu reads it: the
+    vhost is the path without its first slash (`//` and no path are both `/`, `%2F` is
+    `/`), user and password default to guest, amqps means TLS on port 5671."""
+    parts = urlsplit(url)
+    tls = parts.scheme.lower() == "amqps"
+    port = parts.port or (5671 if tls else 5672)
+    host = parts.hostname or "localhost"
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal
+    vhost = unquote(parts.path[1:]) if parts.path else ""
+    return {
+        "host": f"{host}:{port}",
+        "userid": unquote(parts.username) if parts.username is not None else "guest",
+        "password": unquote(parts.password) if parts.password is not None else "guest",
+        "virtual_host": vhost or "/",
+        "ssl": tls,
+    }

@@ -8,7 +8,7 @@ import pytest
 from speed_gevent.app import App
 from speed_gevent.errors import TargetError
 from speed_gevent.target import load_target, parse_target
-from speed_gevent.urls import check_broker_url, mask_secrets, mask_url
+from speed_gevent.urls import check_broker_url, connection_params, mask_secrets, mask_url
 
 
 @pytest.mark.parametrize("target, message", [
@@ -68,3 +68,30 @@ def test_package_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("url", [
+    "amqp://guest:guest@localhost:5672//",
+    "amqp://u:p@h/",
+    "amqp://u:p@h",
+    "amqp://u:p@h:5673/vh",
+    "amqp://u:p%40ss@h//",
+    "pyamqp://u:p@h/%2F",
+    "amqp://h:5672/a%2Fb",
+    "amqp://[::1]:5672//",
+])  # fmt: skip
+def test_connection_params_read_urls_as_kombu_does(url):
+    """Users' kombu URLs carry over: the master reads them without kombu, the same way."""
+    from kombu import Connection
+
+    theirs = Connection(url)
+    ours = connection_params(url)
+    host, _, port = ours["host"].rpartition(":")
+    assert (host.strip("[]"), int(port)) == (theirs.hostname, theirs.port or 5672)
+    assert (ours["userid"], ours["password"]) == (theirs.userid or "guest", theirs.password or "guest")
+    assert ours["virtual_host"] == theirs.virtual_host and ours["ssl"] is False
+
+
+def test_amqps_means_tls_on_5671():
+    params = connection_params("amqps://u:p@broker.example//")
+    assert params["ssl"] is True and params["host"] == "broker.example:5671"

@@ -1,0 +1,46 @@
+"""Opening an AMQP connection with py-amqp itself, for the master and `publish`.
+
+kombu stays out of the master: its imports (and billiard's, where Celery is installed)
+cost megabytes in the one process that lives as long as the service.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from amqp import Connection
+from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+
+from .errors import BrokerError
+from .urls import connection_params
+
+logger = logging.getLogger(__name__)
+
+
+def open_connection(
+    url: str, heartbeat: float | None, connect_timeout: float | None, masked_url: str
+) -> Connection:
+    """Connect; heartbeats are asked for (0: off). BrokerError if the broker refused us,
+    OSError if it cannot be reached."""
+    conn = Connection(
+        **connection_params(url), heartbeat=heartbeat or 0, connect_timeout=connect_timeout or 10
+    )
+    try:
+        conn.connect()
+    except (AccessRefused, NotAllowed) as exc:
+        _drop(conn)
+        raise BrokerError(f"broker {masked_url} refused us: {exc.reply_text}") from None
+    except ConnectionForced as exc:
+        _drop(conn)
+        raise OSError(f"broker closed the connection: {exc}") from None
+    except BaseException:
+        _drop(conn)
+        raise
+    return conn
+
+
+def _drop(conn: Connection) -> None:
+    try:
+        conn.collect()
+    except Exception as exc:  # half-open; nothing of ours is on it
+        logger.debug("dropping a failed connection: %s", exc)
