@@ -15,6 +15,7 @@ timer), patrol, and per worker a reader and, while a write waits, a writer.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -185,6 +186,10 @@ class Master:
         """Every consume-ok is in (called in the consumer greenlet; never yields)."""
         settings = self.settings
         self._apply(self._router.consuming(time.monotonic()))
+        # What start built lives as long as the master: out of the collector's way, a
+        # full collection (7 ms over the imports' objects here) no longer stalls messages.
+        gc.collect()
+        gc.freeze()
         logger.info(
             "master %s (pid %s) consuming %s from %s with %d-%d workers, prefetch %s",
             settings.name,
