@@ -67,6 +67,10 @@ def ready(queue: str) -> int:
 def drop(queue: str) -> None:
     with Connection(BROKER) as conn:
         channel = conn.connection.channel()
+        try:
+            channel.exchange_delete(queue)  # Celery declares a direct exchange per queue
+        except Exception:
+            channel = conn.connection.channel()
         for name in (queue, queue + ".dead", queue + ".DQ", queue + ".XQ"):  # ours, Dramatiq's
             try:
                 channel.queue_delete(name)
@@ -198,12 +202,16 @@ def run_peer(peer: str, queue: str, count: int, workers: int, handler: str = "no
             time.sleep(0.5)  # let the last acks leave before the stop
         finally:
             process.send_signal(signal.SIGTERM)
-            process.wait(120)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:  # never leave a peer running into the next round
+                process.kill()
+                process.wait()
         cpu = children_cpu() - cpu
         stamps = [float(line) for line in path.read_text().split()]
     if len(stamps) != count:
         raise BenchError(f"{peer} handled {len(stamps)} messages, not {count}")
-    return count / (max(stamps) - min(stamps)), cpu / count
+    return (count - 1) / (max(stamps) - min(stamps)), cpu / count  # stamps mark each end
 
 
 def runner(
@@ -412,6 +420,8 @@ def throughput_rows(names: list[str], reps: int, count: int) -> list[str]:
             f"{LABELS[name]:<36} {spread(rates[name]):>22}   {spread(ratios[name], '{:.2f}') + 'x':<18} "
             f"{spread([c * 1e6 for c in cpus[name]]):>15}   {target}"
         )
+    rows.append("  (CPU: the raw consumers' consume loop only; the others' whole process tree from start to")
+    rows.append("   stop, start-up included: speed-gevent's is about 0.7 s, 35 µs/msg at 20,000 messages)")
     return rows
 
 

@@ -33,6 +33,10 @@ class MessageCache:
         """Give back a delivery that could not be handed to a worker; it keeps its turn."""
         self._items.appendleft(delivery)
 
+    def peek(self) -> Delivery:
+        """The next delivery `take` would return (the cache must not be empty)."""
+        return self._items[0]
+
     def take(self) -> Delivery | None:
         return self._items.popleft() if self._items else None
 

@@ -79,6 +79,10 @@ logger = logging.getLogger("speed_gevent.router")
 #: before a worker TERMed to free its window (its handler still running) is killed.
 CACHE_AGE_LIMIT = 0.9
 WINDOW_AGE_LIMIT = 0.95
+#: Share of the consumer timeout past which a delivery is no longer put in a window (it
+#: waits in the cache for an idle worker), and a handler killed to free a window behind it
+#: counts a failed attempt (it ran that long itself: hung, not merely unlucky).
+LATE_SHARE = 0.5
 #: Acks wait (a few milliseconds at most) until 1/ACK_BATCH_SHARE of --max-cache is finished.
 ACK_BATCH_SHARE = 4
 #: Window per worker: while no worker is idle, a worker may hold this many messages, so it
@@ -203,7 +207,7 @@ class Router:
 
     def consuming(self, now: float) -> list[Action]:
         """basic_consume went out: the --exit-when-idle clock starts now (never while the
-        floor boots, when no message can arrive)."""
+        floor boots or the broker is away, when no message can arrive)."""
         if not self._consuming and self.phase is Phase.RUNNING:
             self._consuming = True
             self._last_delivery_at = now
@@ -228,6 +232,7 @@ class Router:
         self._republishing.clear()
         self._finished = []
         self.generation = -abs(self.generation) - 1  # no channel until channel_opened
+        self._consuming = False  # no message can come: the idle clock waits for `consuming`
         self._check_drained(now)
         return self._emit()
 
@@ -653,10 +658,11 @@ class Router:
         if not busy:
             return
         cache = self._cache
+        late = now - LATE_SHARE * self.settings.consumer_timeout
         while cache:
             worker = min(busy, key=lambda w: len(w.held))
-            if len(worker.held) >= window:
-                return
+            if len(worker.held) >= window or cache.peek().received_at <= late:
+                return  # an old delivery waits for an idle worker, not behind a handler
             delivery = cache.take()
             assert delivery is not None
             worker.held.append(InFlight(delivery, None))
@@ -761,6 +767,9 @@ class Router:
         if running is not None:
             meant_for_another = worker.kill_target is not None and worker.kill_target != running.delivery.id
             ours = worker.kill_reason == "stop" or self._immediate or meant_for_another
+            if worker.kill_reason == "consumer-timeout" and running.started_at is not None:
+                ran = now - running.started_at
+                ours = ours or ran < LATE_SHARE * self.settings.consumer_timeout  # not hung
             if not ours:
                 held.pop(0)
                 self.counters.crashes += 1
@@ -944,12 +953,12 @@ class Router:
             if waited + last <= now:
                 # TERM did not free it in time (or this tick came late): the handler still
                 # runs and the broker would close the channel over the window, so the worker
-                # goes instead. Its handler counts a failed attempt (rule 4): one that hangs
-                # forever ends dead-lettered instead of cycling.
+                # goes instead. A handler that itself ran past LATE_SHARE of the timeout
+                # counts a failed attempt (rule 4): one that hangs forever ends dead-lettered
+                # instead of cycling; any other goes back uncounted.
                 logger.error(
                     "worker %s (pid %s): its handler still runs and delivery %s in its window nears the "
-                    "consumer timeout; killing it (the running message counts a failed attempt, the "
-                    "others go back uncounted)",
+                    "consumer timeout; killing it (its other messages go back uncounted)",
                     worker.worker_id, worker.pid, held[1].delivery.id,
                 )  # fmt: skip
                 self._withdraw(worker)

@@ -261,13 +261,19 @@ class World:
             self.confirmed.append(publish)
         self.feed(self.router.publish_done(publish_id, ok, "" if ok else "refused", self.now))
 
-    def lose_channel(self) -> None:
+    def lose_channel(self, recover: bool = True) -> None:
+        """The channel breaks; with `recover` the master gets a new one and consumes again."""
         for key in [key for key in self.outstanding if key[0] == self.generation]:
             self.redelivered.append(self.outstanding.pop(key).id)
         self.publishes.clear()  # never confirmed on a lost channel
         self.feed(self.router.channel_lost(self.now))
+        if recover:
+            self.recover()
+
+    def recover(self) -> None:
         self.generation += 1
         self.feed(self.router.channel_opened(self.generation))
+        self.feed(self.router.consuming(self.now))
 
     def write_fails(self, worker_id: int, undelivered: int = 1) -> None:
         """A write fails: the newest `undelivered` message frames never reached the worker;

@@ -528,10 +528,40 @@ def test_a_window_that_term_cannot_free_is_killed_before_the_consumer_timeout():
 
 def test_a_late_tick_past_95_percent_kills_the_window_in_the_same_pass():
     w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
-    w.arrive()
-    w.arrive()
+    running = w.arrive()
+    waiting = w.arrive()
     w.advance(97.0)  # the timer fired late: past the TERM and the kill deadlines at once
     assert w.workers[1].killed, "the kill may not wait for another tick"
+    w.die(1, KILLED)
+    assert [p.delivery_id for p in w.publishes.values()] == [running.id]
+    assert w.rejected == [waiting.id]
+
+
+def test_a_handler_killed_for_its_window_counts_an_attempt_only_if_it_ran_long_itself():
+    w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
+    w.arrive()
+    second = w.arrive()
+    third = w.arrive()
+    w.advance(48.0)
+    w.finish(1)  # the second starts; the third (48 s old) joins its window
+    assert [d.id for d in w.workers[1].holding] == [second.id, third.id]
+    w.advance(47.0)  # 95 s: the third nears the timeout behind a handler 47 s young
+    assert w.workers[1].killed
+    w.die(1, KILLED)
+    assert w.publishes == {}, "the second was not hung: it goes back uncounted"
+    assert sorted(w.rejected) == sorted([second.id, third.id]) and w.router.counters.crashes == 0
+
+
+def test_an_old_delivery_waits_for_an_idle_worker_not_in_a_window():
+    w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
+    w.arrive()
+    w.arrive()
+    old = w.arrive()
+    w.advance(55.0)
+    w.finish(1)  # the window's message starts; `old` is past half the consumer timeout
+    assert len(w.workers[1].holding) == 1 and w.router.cached == 1
+    w.finish(1)
+    assert [d.id for d in w.workers[1].holding] == [old.id]
 
 
 def test_a_window_message_given_back_by_a_dying_worker_near_the_timeout_goes_to_the_broker():
@@ -544,6 +574,16 @@ def test_a_window_message_given_back_by_a_dying_worker_near_the_timeout_goes_to_
     w.die(1, KILLED)  # it crashes before the 95% kill
     assert w.rejected == [waiting.id], "put back in the cache it would reach a worker past the timeout"
     assert w.router.cached == 0
+
+
+def test_an_outage_is_not_idleness():
+    w = world(exit_when_idle=2.0)
+    w.lose_channel(recover=False)
+    w.advance(10.0)  # the broker is away: no message could have come
+    assert w.router.phase is Phase.RUNNING
+    w.recover()
+    w.advance(2.5)
+    assert w.router.phase is Phase.DRAINING
 
 
 def test_the_idle_clock_starts_when_consuming_starts():

@@ -79,6 +79,8 @@ def test_package_import_is_light():
     "pyamqp://u:p@h/%2F",
     "amqp://h:5672/a%2Fb",
     "amqp://[::1]:5672//",
+    "amqp://:@h//",
+    "amqp://u:@h//",
 ])  # fmt: skip
 def test_connection_params_read_urls_as_kombu_does(url):
     """Users' kombu URLs carry over: the master reads them without kombu, the same way."""
@@ -95,3 +97,26 @@ def test_connection_params_read_urls_as_kombu_does(url):
 def test_amqps_means_tls_on_5671():
     params = connection_params("amqps://u:p@broker.example//")
     assert params["ssl"] is True and params["host"] == "broker.example:5671"
+
+
+def test_tls_options_in_the_query_reach_py_amqp_under_its_names():
+    url = "amqps://u:p@h//?ssl_ca_certs=/ca.pem&ssl_cert_reqs=CERT_REQUIRED&ssl_certfile=/c&ssl_keyfile=/k"
+    assert check_broker_url(url) == url
+    assert connection_params(url)["ssl"] == {
+        "ca_certs": "/ca.pem",
+        "cert_reqs": 2,
+        "certfile": "/c",
+        "keyfile": "/k",
+    }
+
+
+@pytest.mark.parametrize("url, why", [
+    ("amqp://u:s1@h1//;amqp://u:s2@h2//", "one broker only"),
+    ("amqp://u:p@h//?heartbeat=10", "unknown option 'heartbeat'"),
+    ("amqp://u:p@h//?ssl_ca_certs=/ca.pem", "needs amqps"),
+    ("amqps://u:p@h//?ssl_cert_reqs=maybe", "ssl_cert_reqs must be one of"),
+])  # fmt: skip
+def test_urls_we_would_misread_are_refused_without_their_secrets(url, why):
+    with pytest.raises(ValueError, match=why) as refused:
+        check_broker_url(url)
+    assert "s1" not in str(refused.value) and "s2" not in str(refused.value)
