@@ -176,3 +176,24 @@ def process_titles(leader: int) -> dict[int, str]:
 def worker_titles(leader: int) -> dict[int, str]:
     """pid -> process title of the workers of the instance led by `leader`."""
     return {pid: t for pid, t in process_titles(leader).items() if t.startswith("speed-gevent: worker")}
+
+
+def consumer_count(queue: str) -> int:
+    """How many consumers the broker lists on `queue` (rabbitmqctl)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "consumers"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == queue and parts[1].isdigit():
+            return int(parts[1])
+    return 0
+
+
+def worker_pids(path: Path) -> set[int]:
+    """The worker processes that handled the recorded messages."""
+    return {record["pid"] for record in read_records(path) if "event" not in record}

@@ -28,19 +28,21 @@ def open_connection(
     try:
         conn.connect()
     except (AccessRefused, NotAllowed) as exc:
-        _drop(conn)
+        drop_connection(conn)
         raise BrokerError(f"broker {masked_url} refused us: {exc.reply_text}") from None
     except ConnectionForced as exc:
-        _drop(conn)
+        drop_connection(conn)
         raise OSError(f"broker closed the connection: {exc}") from None
     except BaseException:
-        _drop(conn)
+        drop_connection(conn)
         raise
     return conn
 
 
-def _drop(conn: Connection) -> None:
+def drop_connection(conn: Connection) -> None:
+    """Close the socket without the AMQP close handshake (the connection is broken or
+    was never fully open)."""
     try:
         conn.collect()
-    except Exception as exc:  # half-open; nothing of ours is on it
-        logger.debug("dropping a failed connection: %s", exc)
+    except Exception as exc:  # half-open or gone; nothing of ours is left on it
+        logger.debug("dropping a connection: %s", exc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from amqp.exceptions import ChannelError
 from amqp.transport import TCPTransport
 
 from .actions import Ack
+from .amqpconn import drop_connection as _drop_connection
 from .amqpconn import open_connection
 from .amqpframes import split_frames
 from .delivery import Delivery
@@ -62,7 +64,12 @@ Confirm = Callable[[bool, str], None]
 
 
 class ConnectionLost(Exception):
-    """The connection or channel broke while running."""
+    """The connection or channel broke while running (`channel_only`: the connection is
+    still up, the broker closed our channel or cancelled a consumer)."""
+
+    def __init__(self, why: str, channel_only: bool = False) -> None:
+        super().__init__(why)
+        self.channel_only = channel_only
 
 
 class BrokerSession:
@@ -93,6 +100,7 @@ class BrokerSession:
         self._returned: dict[int, str] = {}
         self._closing = False
         self._aborting = False
+        self._cancelled: list[str] = []  # queues whose consumer the broker cancelled
         self._running = False
         self._close_deadline = 0.0
         self.closed = gevent.event.Event()
@@ -108,12 +116,17 @@ class BrokerSession:
         self.connected = True
 
     def connect_with_retry(
-        self, stop_requested: Callable[[], bool], wait: Callable[[float], Any], timeout: float | None
+        self,
+        stop_requested: Callable[[], bool],
+        wait: Callable[[float], Any],
+        timeout: float | None,
+        retry_refused: bool = False,
     ) -> bool:
-        """Connect, retrying with doubling delays (logged with the password masked).
+        """Connect, retrying with doubling, jittered delays (logged with the password masked).
 
-        False if `stop_requested()` came true first; BrokerError if the broker refused us,
-        or did not answer within `timeout` seconds (None: retry forever).
+        False if `stop_requested()` came true first; BrokerError if the broker refused us
+        (unless `retry_refused`: a reconnect during a run keeps trying), or did not answer
+        within `timeout` seconds (None: retry forever).
         """
         delay = 1.0
         give_up = time.monotonic() + timeout if timeout else None
@@ -121,22 +134,84 @@ class BrokerSession:
             try:
                 self.connect()
                 return True
-            except BrokerError:
-                raise
+            except BrokerError as exc:
+                if not retry_refused:
+                    raise
+                failure: Exception = exc
             except Exception as exc:
-                if stop_requested():
-                    break
-                why = mask_secrets(f"{type(exc).__name__}: {exc}", self.url)
-                if give_up is not None and time.monotonic() + delay > give_up:
-                    raise BrokerError(
-                        f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}"
-                    ) from None
-                logger.warning(
-                    "cannot reach the broker %s: %s; retrying in %.0fs", self.masked_url, why, delay
-                )
-                wait(delay)
-                delay = min(delay * 2, MAX_CONNECT_BACKOFF)
+                failure = exc
+            if stop_requested():
+                break
+            why = mask_secrets(f"{type(failure).__name__}: {failure}", self.url)
+            if give_up is not None and time.monotonic() + delay > give_up:
+                raise BrokerError(f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}")
+            pause = delay * random.uniform(0.75, 1.25)  # instances cut off together spread out
+            logger.warning("cannot reach the broker %s: %s; retrying in %.1fs", self.masked_url, why, pause)
+            wait(pause)
+            delay = min(delay * 2, MAX_CONNECT_BACKOFF)
         return False
+
+    def recover(
+        self, lost: ConnectionLost, stop_requested: Callable[[], bool], wait: Callable[[float], Any]
+    ) -> bool:
+        """After `run()` raised: a fresh channel on the same connection if only the channel
+        broke, else a new connection (retried until it works or a stop comes: False).
+        Either way a new generation, so no tag of the old channel is ever settled on it."""
+        self._forget_channel()
+        if lost.channel_only and self._conn is not None and self._conn.connected:
+            try:
+                self._close_quietly(self._channel)
+                self.generation += 1
+                self._channel = self._open_channel()
+                self.connected = True
+                return True
+            except Exception as exc:  # the connection went too: connect again
+                logger.warning("could not open a new channel (%s: %s); reconnecting", type(exc).__name__, exc)
+        if self._conn is not None:
+            _drop_connection(self._conn)
+            self._conn = None
+        return self.connect_with_retry(stop_requested, wait, None, retry_refused=True)
+
+    def resume(
+        self,
+        queues: tuple[str, ...],
+        queue_type: str,
+        passive: bool,
+        prefetch: dict[str, int],
+        on_channel: Callable[[], None],
+    ) -> None:
+        """After `recover()`: declare again, call `on_channel()` (the new generation is
+        ready for deliveries), then consume (nothing, with an empty `prefetch`). An outage
+        meanwhile raises ConnectionLost, so the caller recovers again."""
+        try:
+            self.declare(queues, queue_type, passive)
+            on_channel()
+            if prefetch:
+                self.start_consuming(prefetch)
+        except Exception as exc:
+            lost = _as_lost(exc)
+            if lost is None:
+                raise
+            self.connected = False
+            raise lost from exc
+
+    def _forget_channel(self) -> None:
+        """What was queued for or awaited from the lost channel is dropped: its tags mean
+        nothing elsewhere, and the router has already given up its republishes."""
+        self.connected = False
+        self._outbox.clear()
+        self._confirms.clear()
+        self._returned.clear()
+        self._queue_of.clear()
+
+    @staticmethod
+    def _close_quietly(channel: Any) -> None:
+        if channel is None:
+            return
+        try:
+            channel.close()
+        except Exception as exc:
+            logger.debug("closing the broken channel: %s", exc)
 
     def _open_channel(self) -> Any:
         assert self._conn is not None
@@ -161,8 +236,17 @@ class BrokerSession:
         channel = self._channel
         for queue, count in prefetch.items():
             channel.basic_qos(0, count, False)
-            tag = channel.basic_consume(queue=queue, callback=self._on_message, no_ack=False)
+            tag = channel.basic_consume(
+                queue=queue, callback=self._on_message, no_ack=False, on_cancel=self._on_cancelled
+            )
             self._queue_of[tag] = queue
+
+    def _on_cancelled(self, consumer_tag: str) -> None:
+        """The broker cancelled a consumer (its queue was deleted, say): the channel is
+        recovered as a whole, and consuming starts again once the queue is declared."""
+        queue = self._queue_of.get(consumer_tag, consumer_tag)
+        self._cancelled.append(queue)
+        self._wake.set()
 
     def _consume(self, prefetch: dict[str, int]) -> None:
         try:
@@ -234,7 +318,8 @@ class BrokerSession:
     # -- the consumer greenlet ------------------------------------------------------------
 
     def run(self) -> None:
-        """Consumer greenlet body. Returns after `close()`; raises ConnectionLost on failure."""
+        """Consumer greenlet body. Returns after `close()`; raises ConnectionLost when the
+        connection or the channel broke (then `recover()`, and `run()` again)."""
         if self.closed.is_set():
             return
         assert self._conn is not None
@@ -242,34 +327,15 @@ class BrokerSession:
         loop = gevent.get_hub().loop
         io = loop.io(amqp_conn.sock.fileno(), 1)
         self._ack_timer = loop.timer(ACK_DELAY)
-        next_heartbeat = time.monotonic() + HEARTBEAT_TICK
         self._running = True
         try:
-            while not self._aborting:
-                self._wake.clear()
-                self._drain(amqp_conn)
-                self._run_outbox()
-                now = time.monotonic()
-                if now >= next_heartbeat:
-                    amqp_conn.heartbeat_tick(rate=2)
-                    next_heartbeat = now + HEARTBEAT_TICK
-                if self._closing and self._ready_to_close(now):
-                    break
-                if self._outbox or self._wake.is_set():
-                    continue
-                io.start(self._wake.set)
-                try:
-                    self._wake.wait(max(0.0, next_heartbeat - now))
-                finally:
-                    io.stop()
-        except (OSError, ConnectionError) as exc:
-            self.connected = False
-            raise ConnectionLost(str(exc) or type(exc).__name__) from exc
+            self._loop(amqp_conn, io)
         except Exception as exc:
-            if _is_connection_error(exc):
-                self.connected = False
-                raise ConnectionLost(f"{type(exc).__name__}: {exc}") from exc
-            raise
+            lost = _as_lost(exc)
+            if lost is None:
+                raise
+            self.connected = False
+            raise lost from exc
         finally:
             self._running = False
             io.close()
@@ -279,6 +345,29 @@ class BrokerSession:
             self._collect()
         else:
             self._shutdown()
+
+    def _loop(self, amqp_conn: AmqpConnection, io: Any) -> None:
+        next_heartbeat = time.monotonic() + HEARTBEAT_TICK
+        while not self._aborting:
+            self._wake.clear()
+            self._drain(amqp_conn)
+            if self._cancelled and not self._closing:
+                queues, self._cancelled = ", ".join(self._cancelled), []
+                raise ConnectionLost(f"the broker cancelled our consumer on {queues}", channel_only=True)
+            self._run_outbox()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                amqp_conn.heartbeat_tick(rate=2)
+                next_heartbeat = now + HEARTBEAT_TICK
+            if self._closing and self._ready_to_close(now):
+                return
+            if self._outbox or self._wake.is_set():
+                continue
+            io.start(self._wake.set)
+            try:
+                self._wake.wait(max(0.0, next_heartbeat - now))
+            finally:
+                io.stop()
 
     def _drain(self, amqp_conn: Any) -> None:
         """Hand every frame that has arrived to py-amqp, without ever waiting or spinning.
@@ -365,6 +454,9 @@ class BrokerSession:
     def _run_outbox(self) -> None:
         outbox = self._outbox
         while outbox:
+            if self._aborting:
+                return  # a fatal error or an immediate stop came while an op waited (consume,
+                # cancel): nothing more goes out, nothing more is acked
             op = outbox.popleft()
             if op[0] == "reject":
                 if self._current(op[1]):
@@ -378,6 +470,8 @@ class BrokerSession:
                 for tag in list(self._queue_of):
                     self._channel.basic_cancel(tag)
                 op[1]()
+        if self._aborting:
+            return
         # The outbox is empty and nothing yielded since: every reject the router counted
         # as settled is written, so a multiple-ack over it is safe.
         for ack in self._take_acks():
@@ -452,6 +546,19 @@ def _frame_meta(delivery: Delivery) -> str | None:
     if len(meta) > MAX_META_SIZE:
         return f"its properties and headers take {len(meta)} bytes, above {MAX_META_SIZE}"
     delivery.frame_meta = meta
+    return None
+
+
+def _as_lost(exc: Exception) -> ConnectionLost | None:
+    """The outage an exception from the consumer loop means, if it is one."""
+    if isinstance(exc, ConnectionLost):
+        return exc
+    if isinstance(exc, OSError | ConnectionError):
+        return ConnectionLost(str(exc) or type(exc).__name__)
+    if _is_connection_error(exc):
+        return ConnectionLost(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, ChannelError):  # the broker closed our channel (py-amqp revived it)
+        return ConnectionLost(f"the broker closed the channel: {exc}", channel_only=True)
     return None
 
 

@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from . import actions as act
 from .broker import BrokerSession, ConnectionLost
 from .config import Settings, load_settings
 from .delivery import Delivery
-from .errors import BrokerError, ExitCode, FatalError
+from .errors import BrokerError, ConfigError, ExitCode, FatalError, QueueMissingError
 from .forkclient import ForkClient
 from .links import WorkerLinks
 from .osproc import sample_memory, set_title
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT = 5.0
 #: Longest wait for the --min-workers floor to boot before consuming starts anyway.
 FLOOR_BOOT_WAIT = 10.0
+#: Longest pause between recoveries that each broke again before consuming resumed.
+MAX_RECOVERY_PAUSE = 30.0
+#: Seconds a recovered connection must run before the next outage starts the pauses afresh.
+RECOVERY_HOLDS = 10.0
 
 MASTER_EVENTS = ("error", "worker_exit", "patrolling")
 
@@ -286,16 +291,56 @@ class Master:
         self._apply(self._router.delivery_arrived(delivery, delivery.received_at))
 
     def _consume_loop(self) -> None:
-        try:
-            self._session.run()
-        except ConnectionLost as exc:
-            why = mask_secrets(str(exc), self.settings.broker)
-            self._fatal(
-                f"lost the connection to {self._session.masked_url}: {why}; unacked "
-                "messages go back to the broker (reconnecting is not implemented yet)"
-            )
-        except BrokerError as exc:
-            self._fatal(mask_secrets(str(exc), self.settings.broker))
+        """The consumer greenlet: run the session; after an outage, recover and run again.
+        Workers keep running through it; what was unacked comes back from the broker, and
+        results for it are never acked on the new channel (the router's generations)."""
+        lost: ConnectionLost | None = None
+        failures = 0  # outages in a row that came before the last recovery held a while
+        while True:
+            try:
+                if lost is not None:
+                    if failures > 1:  # it keeps breaking: back off before trying again
+                        pause = min(MAX_RECOVERY_PAUSE, 2.0 ** (failures - 2))
+                        if self._stop_asked.wait(pause * random.uniform(0.75, 1.25)):
+                            return
+                    if not self._recover(lost):
+                        return
+                lost = None
+                began = time.monotonic()
+                self._session.run()
+                return
+            except ConnectionLost as exc:
+                if self._stop_asked.is_set() or self._failing:
+                    return  # stopping anyway: what was unacked is the broker's again
+                held = lost is None and time.monotonic() - began >= RECOVERY_HOLDS
+                failures = 1 if held else failures + 1
+                lost = exc
+            except (BrokerError, ConfigError, QueueMissingError) as exc:
+                self._fatal(mask_secrets(str(exc), self.settings.broker))
+                return
+
+    def _recover(self, lost: ConnectionLost) -> bool:
+        """Reconnect (or reopen the channel), declare, consume again. Runs in the consumer
+        greenlet outside `session.run()`, so py-amqp's synchronous waits here re-enter
+        nothing. False if a stop came first; ConnectionLost if it broke again meanwhile."""
+        settings = self.settings
+        what = "channel" if lost.channel_only else "connection"
+        logger.warning(
+            "lost the %s to %s: %s; recovering (workers keep running, unacked messages come back "
+            "from the broker)", what, self._session.masked_url, mask_secrets(str(lost), settings.broker),
+        )  # fmt: skip
+        self._apply(self._router.channel_lost(time.monotonic()))
+        if not self._session.recover(lost, self._stop_asked.is_set, self._stop_asked.wait):
+            return False
+        running = self._router.phase is Phase.RUNNING
+        prefetch = settings.prefetch_per_queue() if running else {}
+        opened = lambda: self._apply(self._router.channel_opened(self._session.generation))  # noqa: E731
+        self._session.resume(settings.queues, settings.queue_type, settings.passive, prefetch, opened)
+        if running:
+            self._apply(self._router.consuming(time.monotonic()))
+            logger.info("recovered the %s to %s: consuming %s again", what, self._session.masked_url,
+                        ", ".join(settings.queues))  # fmt: skip
+        return True
 
     def _timer_loop(self) -> None:
         """The router's one timer: sleep until the time it asked for, then `tick`."""

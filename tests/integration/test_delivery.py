@@ -14,7 +14,6 @@ from tests.conftest import wait_until
 from tests.helpers import (
     alive,
     broker_connection_of,
-    close_broker_connection,
     get_all,
     handled_ids,
     ids_in,
@@ -244,23 +243,6 @@ def test_handler_runs_unpatched_and_workers_hold_only_their_socket(run_recorder,
         assert len(links) == 1 and links[0].startswith("socket:"), (pid, links)
     os.kill(runner.pid, signal.SIGTERM)
     assert runner.wait(15) == 0
-
-
-def test_lost_connection_exits_1_and_the_broker_requeues(run_recorder, run_cli, queue_names, tmp_path):
-    queue = queue_names()
-    ids = publish_load(queue, 300, 0.02)
-    record = tmp_path / "rec"
-    runner = run_cli(
-        "run", "tests.apps.recorder:handle", "-q", queue, "--max-workers", "2", env={"SG_RECORD": str(record)}
-    )
-    wait_until(lambda: len(handled_ids(record)) >= 20, 30, message="20 handled")
-    connection = wait_until(lambda: broker_connection_of(runner.pid), 10, message="the connection")
-    close_broker_connection(connection[0])
-    assert runner.wait(20) == 1
-    assert "lost the connection" in runner.output()
-    rerun = run_recorder(queue, "--max-workers", "2", "--exit-when-idle", "2s", record=record)
-    assert rerun.wait(60) == 0
-    assert set(handled_ids(record)) == set(ids)
 
 
 def test_heartbeats_are_asked_for(run_cli, queue_names):

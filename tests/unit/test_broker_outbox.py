@@ -30,7 +30,7 @@ class RecordingChannel:
     def basic_qos(self, size: int, count: int, a_global: bool) -> None:
         self.calls.append(("qos", count, a_global))
 
-    def basic_consume(self, queue: str, callback: object, no_ack: bool) -> str:
+    def basic_consume(self, queue: str, callback: object, no_ack: bool, on_cancel: object = None) -> str:
         self._tags += 1
         self.calls.append(("consume", queue, no_ack))
         return f"ctag-{self._tags}"

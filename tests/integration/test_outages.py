@@ -1,0 +1,150 @@
+"""Outages against the real RabbitMQ: the master recovers and keeps its workers.
+
+Every test counts messages by id: each published id is handled (at least once: what was
+unacked at a break is redelivered, so duplicates are allowed there and nowhere else),
+the queue ends empty, and after each recovery new messages really flow and the broker
+lists our consumer again (peers' "zombie consumers" reconnect and never consume).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import BROKER, ROOT, wait_until
+from tests.helpers import (
+    broker_connection_of,
+    close_broker_connection,
+    consumer_count,
+    delete_queues,
+    handled_ids,
+    ids_in,
+    publish_ids,
+    publish_load,
+    read_records,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_a_closed_connection_is_recovered_again_and_again_under_load(run_recorder, queue_names, tmp_path):
+    queue = queue_names()
+    ids = publish_load(queue, 1500, 0.01)  # 7.5 s of work for 2 workers: outages hit mid-run
+    record = tmp_path / "rec"
+    runner = run_recorder(
+        queue, "--min-workers", "2", "--max-workers", "2", "--exit-when-idle", "6s", record=record
+    )
+    for n, threshold in enumerate((150, 500, 850), start=1):
+        wait_until(lambda t=threshold: len(handled_ids(record)) >= t, 60, message=f"{threshold} handled")
+        connection = wait_until(lambda: broker_connection_of(runner.pid), 20, message="our connection")
+        close_broker_connection(connection[0])
+        wait_until(lambda n=n: runner.output().count("recovered the connection") >= n, 30, message="recovery")
+        assert consumer_count(queue) == 1, "recovered but not consuming (a zombie consumer)"
+        probes = [10_000 * n + i for i in range(5)]  # new messages must flow after each recovery
+        publish_ids(queue, probes)
+        wait_until(lambda p=probes: set(p) <= set(handled_ids(record)), 30, message="new messages handled")
+        ids += probes
+    assert runner.wait(90) == 0, runner.output()[-3000:]
+    handled = handled_ids(record)
+    assert set(handled) == set(ids), f"lost: {sorted(set(ids) - set(handled))[:20]}"
+    assert ids_in(queue) == []
+    assert len(worker_pids(record)) == 2, "the workers were kept through every outage"
+    duplicates = sum(handled.values()) - len(ids)
+    assert duplicates <= 3 * 2 * 8 + 3 * 2, "only what was unacked at a break may come twice"
+    assert "guest:guest@" not in runner.output()
+
+
+def test_a_channel_the_broker_closes_is_recovered_and_publishes_are_confirmed(queue_names, tmp_path):
+    """The broker closes our channel (here: a reject of a tag it never gave us). New
+    generation; confirms, QoS and the consumer are issued again: a retry republished
+    after the recovery is confirmed, acked and handled."""
+    queue = queue_names()
+    publish_ids(queue, list(range(1, 51)))
+    record = tmp_path / "rec"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SPEED_GEVENT_BROKER": BROKER, "SG_RECORD": str(record)}
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tests.apps.channel_breaker", queue], cwd=ROOT,
+                                   env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until(lambda: len(handled_ids(record)) >= 50, 30, message="the first 50")
+        process.send_signal(signal.SIGUSR1)
+        wait_until(lambda: "recovered the channel" in log.read_text(), 30, message="the channel recovery")
+        assert "PRECONDITION_FAILED" in log.read_text() or "unknown delivery tag" in log.read_text()
+        assert consumer_count(queue) == 1
+        publish_ids(queue, list(range(51, 61)), extra={55: {"retry": True}})
+        assert process.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    handled = handled_ids(record)
+    assert set(handled) == set(range(1, 61)), log.read_text()[-2000:]
+    retried = [r for r in read_records(record) if r.get("id") == 55 and "event" not in r]
+    assert retried and retried[-1].get("attempt") == 2, retried
+    assert ids_in(queue) == [] and ids_in(queue + ".dead") == []
+
+
+def test_a_deleted_queue_is_declared_again_and_consumed(run_recorder, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, list(range(1, 11)))
+    record = tmp_path / "rec"
+    runner = run_recorder(queue, "--max-workers", "2", "--exit-when-idle", "3s", record=record)
+    wait_until(lambda: len(handled_ids(record)) >= 10, 30, message="the first 10")
+    delete_queues([queue])
+    wait_until(lambda: "cancelled our consumer" in runner.output(), 30, message="the cancel")
+    wait_until(lambda: consumer_count(queue) == 1, 30, message="a consumer on the declared queue")
+    publish_ids(queue, list(range(11, 21)))
+    assert runner.wait(60) == 0, runner.output()[-3000:]
+    assert set(handled_ids(record)) == set(range(1, 21))
+    assert ids_in(queue) == []
+
+
+def test_a_deleted_queue_with_passive_stops_with_one_clear_line(run_cli, queue_names, tmp_path):
+    queue = queue_names()
+    publish_ids(queue, [1])  # declares the queue and its .dead
+    record = tmp_path / "rec"
+    runner = run_cli("run", "tests.apps.recorder:handle", "-q", queue, "--passive", "--max-workers", "1",
+                     env={"SG_RECORD": str(record)})  # fmt: skip
+    wait_until(lambda: handled_ids(record), 30, message="the first message")
+    delete_queues([queue])
+    assert runner.wait(60) == 1, runner.output()[-3000:]
+    fatal = [line for line in runner.output().splitlines() if "fatal:" in line]
+    assert len(fatal) == 1 and "does not exist (--passive)" in fatal[0], runner.output()[-2000:]
+    assert "Traceback" not in runner.output()
+
+
+@pytest.fixture
+def broker_restart() -> Iterator[None]:
+    """Lets a test stop the broker's app; always starts it again."""
+    yield
+    subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120)
+
+
+def test_a_broker_restart_is_waited_out_with_the_same_workers(
+    broker_restart, run_recorder, queue_names, tmp_path
+):
+    queue = queue_names()
+    ids = publish_load(queue, 600, 0.004)
+    record = tmp_path / "rec"
+    runner = run_recorder(
+        queue, "--min-workers", "2", "--max-workers", "2", "--exit-when-idle", "3s", record=record
+    )
+    wait_until(lambda: len(handled_ids(record)) >= 100, 60, message="100 handled")
+    subprocess.run(["rabbitmqctl", "stop_app"], capture_output=True, timeout=120, check=True)
+    wait_until(lambda: "cannot reach the broker" in runner.output(), 30, message="a reconnect attempt")
+    subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=True)
+    subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120, check=True)
+    wait_until(lambda: "recovered the connection" in runner.output(), 90, message="the recovery")
+    assert runner.wait(120) == 0, runner.output()[-3000:]
+    assert set(handled_ids(record)) == set(ids)
+    assert ids_in(queue) == []
+    assert len(worker_pids(record)) == 2
+    assert "guest:guest@" not in runner.output()
