@@ -427,7 +427,8 @@ def throughput_rows(names: list[str], reps: int, count: int) -> list[str]:
 
 def efficiency_rows(names: list[str], reps: int, count: int, pools: tuple[int, ...]) -> list[str]:
     """A 10 ms handler: handled/s over workers x 100 (the ideal), each consumer once per round."""
-    rows = [f"{'10 ms handler, efficiency':<36} " + "".join(f"{LABELS[n].split(',')[0]:>24}" for n in names)]
+    short = {"celery": "Celery", "dramatiq": "Dramatiq", "speed-gevent": "speed-gevent"}
+    rows = [f"{'10 ms handler, efficiency':<36} " + "".join(f"{short[n]:>24}" for n in names)]
     for workers in pools:
         effs: dict[str, list[float]] = {name: [] for name in names}
         for _ in range(reps):
