@@ -25,6 +25,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
@@ -35,8 +36,7 @@ from amqp.exceptions import ChannelError
 from amqp.transport import TCPTransport
 
 from .actions import Ack
-from .amqpconn import drop_connection as _drop_connection
-from .amqpconn import open_connection
+from .amqpconn import drop_connection, open_connection
 from .amqpframes import split_frames
 from .delivery import Delivery
 from .errors import BrokerError
@@ -110,9 +110,15 @@ class BrokerSession:
 
     def connect(self) -> None:
         """Open the connection and channel (BrokerError if refused, OSError if unreachable)."""
-        self._conn = open_connection(self.url, self._heartbeat, self._connect_timeout, self.masked_url)
+        conn = open_connection(self.url, self._heartbeat, self._connect_timeout, self.masked_url)
+        self._conn = conn
         self.generation += 1
-        self._channel = self._open_channel()
+        try:
+            self._channel = self._open_channel()
+        except BaseException:
+            drop_connection(conn)  # never left open behind a retry
+            self._conn = None
+            raise
         self.connected = True
 
     def connect_with_retry(
@@ -157,7 +163,7 @@ class BrokerSession:
         """After `run()` raised: a fresh channel on the same connection if only the channel
         broke, else a new connection (retried until it works or a stop comes: False).
         Either way a new generation, so no tag of the old channel is ever settled on it."""
-        self._forget_channel()
+        self.forget_channel()
         if lost.channel_only and self._conn is not None and self._conn.connected:
             try:
                 self._close_quietly(self._channel)
@@ -168,7 +174,7 @@ class BrokerSession:
             except Exception as exc:  # the connection went too: connect again
                 logger.warning("could not open a new channel (%s: %s); reconnecting", type(exc).__name__, exc)
         if self._conn is not None:
-            _drop_connection(self._conn)
+            drop_connection(self._conn)
             self._conn = None
         return self.connect_with_retry(stop_requested, wait, None, retry_refused=True)
 
@@ -195,10 +201,11 @@ class BrokerSession:
             self.connected = False
             raise lost from exc
 
-    def _forget_channel(self) -> None:
+    def forget_channel(self) -> None:
         """What was queued for or awaited from the lost channel is dropped: its tags mean
         nothing elsewhere, and the router has already given up its republishes."""
         self.connected = False
+        self._cancelled.clear()
         self._outbox.clear()
         self._confirms.clear()
         self._returned.clear()
@@ -228,6 +235,7 @@ class BrokerSession:
         try:
             declare_all(self._channel, queues, queue_type, passive)
         except Exception:
+            self._close_quietly(self._channel)  # a refusal closes it (py-amqp reopens it)
             self._channel = None
             raise
 
@@ -237,7 +245,10 @@ class BrokerSession:
         for queue, count in prefetch.items():
             channel.basic_qos(0, count, False)
             tag = channel.basic_consume(
-                queue=queue, callback=self._on_message, no_ack=False, on_cancel=self._on_cancelled
+                queue=queue,
+                callback=partial(self._on_message, self.generation),  # its own channel's, always
+                no_ack=False,
+                on_cancel=self._on_cancelled,
             )
             self._queue_of[tag] = queue
 
@@ -254,14 +265,14 @@ class BrokerSession:
         except ChannelError as exc:  # an exclusive consumer elsewhere, a queue deleted meanwhile
             raise BrokerError(f"cannot consume from {', '.join(prefetch)}: {exc}") from None
 
-    def _on_message(self, msg: AmqpMessage) -> None:
+    def _on_message(self, generation: int, msg: AmqpMessage) -> None:
         info = msg.delivery_info
         self._next_id += 1
         body, problem = _as_bytes(msg.body, msg.properties.get("content_encoding"))
         queue = self._queue_of.get(info["consumer_tag"], "")
         exchange, routing_key = info.get("exchange") or "", info.get("routing_key") or ""
         tag, redelivered = info["delivery_tag"], bool(info.get("redelivered"))
-        args = (self._next_id, self.generation, tag, queue, exchange, routing_key, redelivered, body)
+        args = (self._next_id, generation, tag, queue, exchange, routing_key, redelivered, body)
         try:
             delivery = Delivery(*args, msg.properties, time.monotonic(), problem)
         except Exception as exc:  # nothing in a message may take the master down

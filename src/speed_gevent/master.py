@@ -79,6 +79,7 @@ class Master:
         self._failing = False
         self._started = False
         self._drained_early: str | None = None  # a Drained that came while _start ran
+        self._consume_sent = False  # _start queued the first basic_consume
         self._exit_code = ExitCode.OK
         self._callbacks: dict[str, list[Callable[..., Any]]] = {name: [] for name in MASTER_EVENTS}
         self._signal_callbacks: dict[int, list[Callable[..., Any]]] = {}
@@ -185,6 +186,7 @@ class Master:
         prefetch = settings.prefetch_per_queue()
         # The router runs before the first basic_consume: deliveries for the first queue
         # can arrive while the next consume waits for its consume-ok, and they are kept.
+        self._consume_sent = True
         self._session.consume(prefetch, lambda: self._consuming(prefetch))
 
     def _consuming(self, prefetch: dict[str, int]) -> None:
@@ -310,7 +312,11 @@ class Master:
                 self._session.run()
                 return
             except ConnectionLost as exc:
-                if self._stop_asked.is_set() or self._failing:
+                # Whatever comes next, the router learns at once that the channel is gone:
+                # its republishes will never be confirmed, its deliveries come back.
+                self._apply(self._router.channel_lost(time.monotonic()))
+                self._session.forget_channel()
+                if self._stop_asked.is_set() or self._failing or self._router.phase is not Phase.RUNNING:
                     return  # stopping anyway: what was unacked is the broker's again
                 held = lost is None and time.monotonic() - began >= RECOVERY_HOLDS
                 failures = 1 if held else failures + 1
@@ -329,10 +335,10 @@ class Master:
             "lost the %s to %s: %s; recovering (workers keep running, unacked messages come back "
             "from the broker)", what, self._session.masked_url, mask_secrets(str(lost), settings.broker),
         )  # fmt: skip
-        self._apply(self._router.channel_lost(time.monotonic()))
         if not self._session.recover(lost, self._stop_asked.is_set, self._stop_asked.wait):
             return False
-        running = self._router.phase is Phase.RUNNING
+        # Before `_start` sent the first basic_consume (the floor still boots), it sends it.
+        running = self._router.phase is Phase.RUNNING and self._consume_sent
         prefetch = settings.prefetch_per_queue() if running else {}
         opened = lambda: self._apply(self._router.channel_opened(self._session.generation))  # noqa: E731
         self._session.resume(settings.queues, settings.queue_type, settings.passive, prefetch, opened)

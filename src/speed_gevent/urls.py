@@ -10,6 +10,8 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 #: Schemes accepted (kombu's names for py-amqp, so users' URLs carry over); amqps is TLS.
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
+#: Where a kombu failover list starts its next URL (a `;` in a password does not split).
+_NEXT_URL = re.compile(r";(?=[a-zA-Z][\w+.-]*://)")
 _USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][\w+.-]*://)(?P<user>[^:@/]*):(?P<password>[^@]*)@")
 
 
@@ -17,7 +19,8 @@ def mask_url(url: str, mask: str = "**") -> str:
     """The URL with its password replaced by `mask`; works on malformed URLs too, and on
     kombu's `;`-separated failover lists (every password in them)."""
     return ";".join(
-        _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{mask}@", part, count=1) for part in url.split(";")
+        _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{mask}@", part, count=1)
+        for part in _NEXT_URL.split(url)
     )
 
 
@@ -55,7 +58,7 @@ def check_broker_url(url: str) -> str:
     except ValueError as exc:
         raise ValueError(f"malformed URL {mask_url(url)!r}: {exc}") from None
     bad = f"malformed URL {mask_url(url)!r}"
-    if ";" in url:
+    if _NEXT_URL.search(url):
         raise ValueError(f"{bad}: one broker only (failover lists are not supported)")
     if parts.scheme.lower() not in AMQP_SCHEMES:
         raise ValueError(f"{bad}: scheme must be one of amqp, amqps, pyamqp")
@@ -75,6 +78,9 @@ def check_broker_url(url: str) -> str:
             raise ValueError(f"{bad}: {key} needs amqps://")
         if key == "ssl_cert_reqs" and value not in CERT_REQS:
             raise ValueError(f"{bad}: ssl_cert_reqs must be one of {', '.join(CERT_REQS)}")
+    query = dict(parse_qsl(parts.query))
+    if query.get("ssl_cert_reqs") == "CERT_NONE" and "ssl_server_hostname" in query:
+        raise ValueError(f"{bad}: ssl_server_hostname checks a certificate that CERT_NONE does not ask for")
     return url
 
 

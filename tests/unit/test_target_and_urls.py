@@ -115,8 +115,16 @@ def test_tls_options_in_the_query_reach_py_amqp_under_its_names():
     ("amqp://u:p@h//?heartbeat=10", "unknown option 'heartbeat'"),
     ("amqp://u:p@h//?ssl_ca_certs=/ca.pem", "needs amqps"),
     ("amqps://u:p@h//?ssl_cert_reqs=maybe", "ssl_cert_reqs must be one of"),
+    ("amqps://u:p@h//?ssl_cert_reqs=CERT_NONE&ssl_server_hostname=h", "CERT_NONE does not ask"),
+    ("amqp://u:s1;x@h//?heartbeat=1", "unknown option"),
 ])  # fmt: skip
 def test_urls_we_would_misread_are_refused_without_their_secrets(url, why):
     with pytest.raises(ValueError, match=why) as refused:
         check_broker_url(url)
     assert "s1" not in str(refused.value) and "s2" not in str(refused.value)
+
+
+def test_a_semicolon_in_a_password_is_neither_a_failover_list_nor_shown():
+    url = "amqp://u:se;cret@h//"
+    assert check_broker_url(url) == url
+    assert "cret" not in mask_url(url) and connection_params(url)["password"] == "se;cret"
