@@ -37,9 +37,8 @@ def test_a_closed_connection_is_recovered_again_and_again_under_load(run_recorde
     queue = queue_names()
     ids = publish_load(queue, 1500, 0.01)  # 7.5 s of work for 2 workers: outages hit mid-run
     record = tmp_path / "rec"
-    runner = run_recorder(
-        queue, "--min-workers", "2", "--max-workers", "2", "--exit-when-idle", "6s", record=record
-    )
+    runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", "--max-cache", "8",
+                          "--exit-when-idle", "6s", record=record)  # fmt: skip
     for n, threshold in enumerate((150, 500, 850), start=1):
         wait_until(lambda t=threshold: len(handled_ids(record)) >= t, 60, message=f"{threshold} handled")
         connection = wait_until(lambda: broker_connection_of(runner.pid), 20, message="our connection")
@@ -137,9 +136,8 @@ def test_a_broker_restart_is_waited_out_with_the_same_workers(
     queue = queue_names()
     ids = publish_load(queue, 600, 0.004)
     record = tmp_path / "rec"
-    runner = run_recorder(
-        queue, "--min-workers", "2", "--max-workers", "2", "--exit-when-idle", "3s", record=record
-    )
+    runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", "--max-cache", "8",
+                          "--exit-when-idle", "3s", record=record)  # fmt: skip
     wait_until(lambda: len(handled_ids(record)) >= 100, 60, message="100 handled")
     subprocess.run(["rabbitmqctl", "stop_app"], capture_output=True, timeout=120, check=True)
     wait_until(lambda: "cannot reach the broker" in runner.output(), 30, message="a reconnect attempt")

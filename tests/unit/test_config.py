@@ -14,7 +14,7 @@ def test_defaults_with_one_queue():
     assert s.queues == ("a",)
     assert s.broker == "amqp://guest:guest@localhost:5672//"
     assert s.heartbeat == 30.0 and s.graceful_timeout == 30.0 and s.max_retries == 3
-    assert s.max_cache == max(1, 4 * s.max_workers)
+    assert s.max_cache == max(1, 16 * s.max_workers)
     assert s.exit_when_idle is None and s.connect_timeout is None
 
 
