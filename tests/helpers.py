@@ -43,10 +43,10 @@ def ready_count(queue: str) -> int:
         return channel.queue_declare(queue, passive=True).message_count
 
 
-def unacked_counts() -> dict[str, int]:
-    """The broker's own count of unacknowledged messages per queue (rabbitmqctl)."""
+def queue_column(column: str) -> dict[str, int]:
+    """One numeric column of `rabbitmqctl list_queues`, by queue name."""
     out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "messages_unacknowledged"],
+        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", column],
         capture_output=True,
         text=True,
         timeout=30,
@@ -58,6 +58,11 @@ def unacked_counts() -> dict[str, int]:
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     return counts
+
+
+def unacked_counts() -> dict[str, int]:
+    """The broker's own count of unacknowledged messages per queue (rabbitmqctl)."""
+    return queue_column("messages_unacknowledged")
 
 
 def get_all(queue: str) -> list[Any]:
@@ -180,18 +185,7 @@ def worker_titles(leader: int) -> dict[int, str]:
 
 def consumer_count(queue: str) -> int:
     """How many consumers the broker lists on `queue` (rabbitmqctl)."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "consumers"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == queue and parts[1].isdigit():
-            return int(parts[1])
-    return 0
+    return queue_column("consumers").get(queue, 0)
 
 
 def worker_pids(path: Path) -> set[int]:

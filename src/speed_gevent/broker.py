@@ -24,7 +24,8 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -189,11 +190,17 @@ class BrokerSession:
         """After `recover()`: declare again, call `on_channel()` (the new generation is
         ready for deliveries), then consume (nothing, with an empty `prefetch`). An outage
         meanwhile raises ConnectionLost, so the caller recovers again."""
-        try:
+        with self._outage_as_lost():
             self.declare(queues, queue_type, passive)
             on_channel()
             if prefetch:
                 self.start_consuming(prefetch)
+
+    @contextmanager
+    def _outage_as_lost(self) -> Iterator[None]:
+        """An exception that means an outage (see `_as_lost`) leaves as ConnectionLost."""
+        try:
+            yield
         except Exception as exc:
             lost = _as_lost(exc)
             if lost is None:
@@ -340,13 +347,8 @@ class BrokerSession:
         self._ack_timer = loop.timer(ACK_DELAY)
         self._running = True
         try:
-            self._loop(amqp_conn, io)
-        except Exception as exc:
-            lost = _as_lost(exc)
-            if lost is None:
-                raise
-            self.connected = False
-            raise lost from exc
+            with self._outage_as_lost():
+                self._loop(amqp_conn, io)
         finally:
             self._running = False
             io.close()
