@@ -34,11 +34,12 @@ import gevent.event
 from amqp import Connection as AmqpConnection
 from amqp import Message as AmqpMessage
 from amqp.exceptions import ChannelError
+from amqp.serialization import decode_properties_basic
 from amqp.transport import TCPTransport
 
 from .actions import Ack
 from .amqpconn import drop_connection, open_connection
-from .amqpframes import split_frames
+from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, split_frames, take_delivery
 from .delivery import Delivery
 from .errors import BrokerError
 from .protocol import MAX_META_SIZE, encode_meta
@@ -273,18 +274,34 @@ class BrokerSession:
             raise BrokerError(f"cannot consume from {', '.join(prefetch)}: {exc}") from None
 
     def _on_message(self, generation: int, msg: AmqpMessage) -> None:
+        """py-amqp's consumer callback: a delivery whose content came over several reads,
+        or one read by py-amqp's own synchronous waits."""
         info = msg.delivery_info
-        self._next_id += 1
         body, problem = _as_bytes(msg.body, msg.properties.get("content_encoding"))
-        queue = self._queue_of.get(info["consumer_tag"], "")
-        exchange, routing_key = info.get("exchange") or "", info.get("routing_key") or ""
-        tag, redelivered = info["delivery_tag"], bool(info.get("redelivered"))
-        args = (self._next_id, generation, tag, queue, exchange, routing_key, redelivered, body)
+        args = DeliverArgs(info["consumer_tag"], info["delivery_tag"], bool(info.get("redelivered")),
+                           info.get("exchange") or "", info.get("routing_key") or "")  # fmt: skip
+        self._deliver(generation, args, msg.properties, body, problem)
+
+    def _on_taken(self, taken: TakenDelivery) -> None:
+        """A delivery `_drain` took whole from one read."""
         try:
-            delivery = Delivery(*args, msg.properties, time.monotonic(), problem)
+            properties, problem = decode_properties_basic(taken.header, PROPERTIES_OFFSET)[0], None
+        except Exception as exc:  # nothing in a message may take the master down
+            properties, problem = {}, f"its properties cannot be read ({type(exc).__name__}: {exc})"
+        self._deliver(self.generation, taken.args, properties, taken.body, problem)
+
+    def _deliver(
+        self, generation: int, args: DeliverArgs, properties: dict[str, Any], body: bytes, problem: str | None
+    ) -> None:
+        self._next_id += 1
+        queue = self._queue_of.get(args.consumer_tag, "")
+        fields = (self._next_id, generation, args.delivery_tag, queue, args.exchange, args.routing_key,
+                  args.redelivered, body)  # fmt: skip
+        try:
+            delivery = Delivery(*fields, properties, time.monotonic(), problem)
         except Exception as exc:  # nothing in a message may take the master down
             why = f"its properties cannot be read ({type(exc).__name__}: {exc})"
-            delivery = Delivery(*args, {}, time.monotonic(), why)
+            delivery = Delivery(*fields, {}, time.monotonic(), why)
         if delivery.problem is None:
             delivery.problem = _frame_meta(delivery)
         self._on_delivery(delivery)
@@ -412,8 +429,21 @@ class BrokerSession:
         frames, used = split_frames(data)
         transport._read_buffer = data[used:]
         on_frame = amqp_conn.on_inbound_frame
-        for frame in frames:
-            on_frame(frame)
+        channel = self._channel
+        channel_id = channel.channel_id if channel is not None else -1
+        callbacks = channel.callbacks if channel is not None else {}
+        index, count = 0, len(frames)
+        while index < count:
+            frame = frames[index]
+            if frame[0] == METHOD and frame[1] == channel_id:
+                taken = take_delivery(frames, index, channel_id)
+                if taken is not None and taken.args.consumer_tag in callbacks:
+                    amqp_conn.bytes_recv += taken.frames  # what py-amqp counts for heartbeats
+                    index += taken.frames
+                    self._on_taken(taken)
+                    continue
+            on_frame(frame)  # also a delivery for a cancelled consumer: py-amqp requeues it
+            index += 1
 
     @staticmethod
     def _drain_slowly(amqp_conn: Any) -> None:
