@@ -43,7 +43,7 @@ from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, s
 from .delivery import Delivery
 from .errors import BrokerError
 from .protocol import MAX_META_SIZE, encode_meta
-from .topology import declare_all
+from .topology import ensure_queues
 from .urls import mask_secrets, mask_url
 
 logger = logging.getLogger(__name__)
@@ -240,12 +240,8 @@ class BrokerSession:
         return channel
 
     def declare(self, queues: tuple[str, ...], queue_type: str, passive: bool) -> None:
-        try:
-            declare_all(self._channel, queues, queue_type, passive)
-        except Exception:
-            self._close_quietly(self._channel)  # a refusal closes it (py-amqp reopens it)
-            self._channel = None
-            raise
+        """Look at each queue and declare what is missing, each on a channel of its own."""
+        ensure_queues(self._conn, queues, queue_type, passive)
 
     def start_consuming(self, prefetch: dict[str, int]) -> None:
         """Per-consumer prefetch (quorum queues refuse global QoS): basic_qos before each consume."""

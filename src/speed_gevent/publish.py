@@ -15,7 +15,7 @@ from amqp import Message as AmqpMessage
 
 from .amqpconn import open_connection
 from .errors import BrokerError
-from .topology import declare_queue
+from .topology import ensure_queues
 from .urls import mask_url
 
 #: Seconds to wait for the broker's confirms after the last publish.
@@ -39,10 +39,8 @@ def publish_messages(
     """Publish `bodies` to `queue` via the default exchange; returns how many were confirmed."""
     conn = open_connection(url, None, 10, mask_url(url))
     try:
+        ensure_queues(conn, (queue,), queue_type, passive, dead_letters=declare_dead)
         channel = conn.channel()
-        declare_queue(channel, queue, queue_type, passive)
-        if declare_dead:
-            declare_queue(channel, queue + ".dead", queue_type, passive)
         return _publish_confirmed(conn, channel, queue, bodies, properties or {})
     finally:
         conn.close()

@@ -1,14 +1,32 @@
-"""Declare the source queues and their dead-letter queues, classic or quorum, or check
-that they exist (`--passive`)."""
+"""Queues as they are: look before declaring, declare only what is missing.
+
+Most production queues are declared by someone else, with arguments we do not know
+(priorities, TTLs, length limits, their own dead-letter exchange, a quorum type), and
+AMQP cannot read a queue's arguments back. So a queue that exists is consumed as it is;
+only a missing one is declared (durable, `--queue-type`), or refused with `--passive`.
+Our dead-letter queue is declared when missing, `--passive` or not: it is ours.
+
+A passive declare of a missing queue closes its channel (404), and a refused declare
+does too (406), so each look and each declare uses a channel of its own.
+"""
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 from amqp.exceptions import NotFound, PreconditionFailed
 
 from .errors import ConfigError, QueueMissingError
 from .policy import dead_letter_queue
+
+logger = logging.getLogger(__name__)
+
+#: How RabbitMQ names the argument a declare differs in.
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<name>[^']+)'.*?: received (?P<ours>.*) but current is (?P<theirs>.*)$"
+)
 
 
 def queue_arguments(queue_type: str) -> dict[str, Any] | None:
@@ -17,28 +35,60 @@ def queue_arguments(queue_type: str) -> dict[str, Any] | None:
     return {"x-queue-type": "quorum"} if queue_type == "quorum" else None
 
 
-def declare_queue(channel: Any, queue: str, queue_type: str, passive: bool) -> None:
-    """Declare one durable queue (or check it exists), turning broker refusals into our errors.
+def differing_argument(reply_text: str) -> str:
+    """'x-max-priority: the queue has the value '10' of type 'signedint', we sent none'
+    from the broker's PRECONDITION_FAILED text (the text itself if it is not that)."""
+    found = _INEQUIVALENT.search(reply_text)
+    if found is None:
+        return reply_text
+    return f"{found['name']}: the queue has {found['theirs']}, we sent {found['ours']}"
 
-    The broker closes the channel on a refusal, so the caller opens a fresh one after.
-    """
+
+def ensure_queues(
+    connection: Any, queues: tuple[str, ...], queue_type: str, passive: bool, dead_letters: bool = True
+) -> None:
+    """Every source queue (and its dead-letter queue) exists when this returns."""
+    for queue in queues:
+        if not queue_exists(connection, queue):
+            if passive:
+                raise QueueMissingError(f"--queue: queue {queue!r} does not exist (--passive)")
+            declare_queue(connection, queue, queue_type)
+        dead = dead_letter_queue(queue)
+        if dead_letters and not queue_exists(connection, dead):
+            declare_queue(connection, dead, queue_type)
+
+
+def queue_exists(connection: Any, queue: str) -> bool:
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue=queue, passive=True)
+        return True
+    except NotFound:
+        return False
+    finally:
+        _close(channel)
+
+
+def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
+    """Declare one durable queue; a conflict (it appeared meanwhile with other arguments)
+    names the argument that differs."""
+    channel = connection.channel()
     try:
         channel.queue_declare(
-            queue=queue,
-            passive=passive,
-            durable=True,
-            auto_delete=False,
-            arguments=None if passive else queue_arguments(queue_type),
+            queue=queue, durable=True, auto_delete=False, arguments=queue_arguments(queue_type)
         )
-    except NotFound:
-        raise QueueMissingError(f"--queue: queue {queue!r} does not exist (--passive)") from None
+        logger.info("declared queue %r (%s)", queue, queue_type)
     except PreconditionFailed as exc:
         raise ConfigError(
-            f"--queue-type: queue {queue!r} exists with other arguments: {exc.reply_text}"
+            f"queue {queue!r} exists with other arguments than ours: {differing_argument(exc.reply_text)}"
         ) from None
+    finally:
+        _close(channel)
 
 
-def declare_all(channel: Any, queues: tuple[str, ...], queue_type: str, passive: bool) -> None:
-    for queue in queues:
-        declare_queue(channel, queue, queue_type, passive)
-        declare_queue(channel, dead_letter_queue(queue), queue_type, passive)
+def _close(channel: Any) -> None:
+    """py-amqp reopens a channel the broker closed; close it for good either way."""
+    try:
+        channel.close()
+    except Exception as exc:  # the connection broke: the caller hears of it next
+        logger.debug("closing a declare channel: %s", exc)
