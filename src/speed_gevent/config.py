@@ -62,6 +62,15 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+def _heartbeat(value: object) -> float:
+    """Whole seconds: AMQP negotiates the heartbeat in seconds, so 0.5s would reach the
+    broker as 0 (off) while the client still expected one every half second."""
+    seconds = parse_duration(value)
+    if seconds != int(seconds):
+        raise ValueError("expected whole seconds (AMQP counts heartbeats in seconds), or 0 for off")
+    return seconds
+
+
 def _optional_size(value: object) -> int | None:
     if isinstance(value, str) and value.strip().lower() in ("off", "none", ""):
         return None
@@ -178,7 +187,7 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("max-retries", _int_at_least(0), 3, "attempts after the first before dead-lettering",
            metavar="N"),
-    Option("heartbeat", parse_duration, 30.0, "AMQP heartbeat asked of the broker (0: off)",
+    Option("heartbeat", _heartbeat, 30.0, "AMQP heartbeat asked of the broker, whole seconds (0: off)",
            metavar="DURATION"),
     Option("consumer-timeout", _positive_duration, 1800.0,
            "the broker's delivery-ack timeout, mirrored", metavar="DURATION"),

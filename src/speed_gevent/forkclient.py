@@ -8,6 +8,7 @@ its control socket crosses over.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Callable
 
 import gevent
 
+from .config import ENV_PREFIX
 from .errors import FatalError, ProtocolError, TargetError
 from .protocol import (
     BootErrorFrame,
@@ -62,6 +64,8 @@ class ForkClient:
             log_level,
             "--log-format",
             log_format,
+            "--master-pid",
+            str(os.getpid()),
         ]
         self._on_spawned = on_spawned
         self._on_exited = on_exited
@@ -76,7 +80,9 @@ class ForkClient:
         """Start the fork server and wait until it imported TARGET (TargetError if it could not)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [*self._argv, "--fd", str(theirs.fileno())]
-        self._proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), close_fds=True)
+        self._proc = subprocess.Popen(
+            argv, pass_fds=(theirs.fileno(),), close_fds=True, env=worker_environment()
+        )
         theirs.close()
         self._ctrl = ours
         self.pid = self._proc.pid
@@ -148,3 +154,10 @@ class ForkClient:
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
+
+
+def worker_environment() -> dict[str, str]:
+    """The master's environment without the broker URL: it holds the password, and every
+    handler could read it from os.environ (a handler that needs the broker gets its own)."""
+    secret = ENV_PREFIX + "BROKER"
+    return {name: value for name, value in os.environ.items() if name != secret}

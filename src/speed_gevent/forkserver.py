@@ -46,8 +46,9 @@ PACKET_SIZE = 65536
 
 
 class ForkServer:
-    def __init__(self, ctrl: socket.socket, app: object, name: str) -> None:
+    def __init__(self, ctrl: socket.socket, app: object, name: str, master_pid: int) -> None:
         self.ctrl = ctrl
+        self.master_pid = master_pid
         self.app = app
         self.name = name
         self.pid = os.getpid()
@@ -63,8 +64,7 @@ class ForkServer:
         poller = select.poll()  # poll(2) holds no fd a child could inherit, unlike epoll
         poller.register(self.ctrl.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        parent = os.getppid()
-        while os.getppid() == parent:
+        while os.getppid() == self.master_pid:
             for fd, _events in poller.poll(1000):
                 if fd == self._wake_r:
                     self._drain_wakeups()
@@ -127,6 +127,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", default="default")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="text")
+    parser.add_argument("--master-pid", type=int, required=True)
     return parser.parse_args(argv)
 
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ctrl = socket.socket(fileno=args.fd)
     # The master's socket is non-blocking at the OS level and the flag travels with the fd.
     ctrl.setblocking(True)
-    if not die_with_parent(os.getppid()):
+    if not die_with_parent(args.master_pid):  # the master may have died before prctl ran
         return WorkerExit.PARENT_GONE
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # shared page holding an object header.
     gc.collect()
     gc.freeze()
-    return ForkServer(ctrl, app, args.name).serve()
+    return ForkServer(ctrl, app, args.name, args.master_pid).serve()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from .patrol import SpawnGuard
 from .policy import failure_from_result
 from .protocol import OkFrame, ResultFrame
 from .router import Phase, Router, RouterSettings
-from .signals import SIGNAL_INTENTS, Intent
+from .signals import SIGNAL_INTENTS, Intent, uncatchable
 from .stats import summary_line
 from .urls import mask_secrets
 
@@ -83,6 +83,7 @@ class Master:
         self._exit_code = ExitCode.OK
         self._callbacks: dict[str, list[Callable[..., Any]]] = {name: [] for name in MASTER_EVENTS}
         self._signal_callbacks: dict[int, list[Callable[..., Any]]] = {}
+        self._signals_installed = False
         self._fork_restarts = SpawnGuard(limit=3, window=60.0)
         self._fork = self._make_fork_client()
         self._links = WorkerLinks(self._fork, self._spawn, _LinkEvents(self))
@@ -130,8 +131,16 @@ class Master:
         return self
 
     def add_signal(self, signum: int, fn: Callable[..., Any]) -> Master:
-        """Run `fn(signum, master)` in the master's control greenlet (never in a raw handler)."""
+        """Run `fn(signum, master)` in the master's control greenlet (never in a raw handler)
+        on any signal the master can catch; a built-in one keeps its own meaning too.
+        SIGKILL and SIGSTOP cannot be caught, and SIGCHLD belongs to gevent's child watcher."""
+        why = uncatchable(signum)
+        if why:
+            raise ValueError(f"add_signal: {why}")
+        first = signum not in self._signal_callbacks
         self._signal_callbacks.setdefault(signum, []).append(fn)
+        if first and self._signals_installed and signum not in SIGNAL_INTENTS:
+            gevent.signal_handler(signum, self._on_signal, signum, None)
         return self
 
     def stop(self, graceful: bool = True) -> None:
@@ -211,9 +220,13 @@ class Master:
     def _install_signals(self) -> None:
         for signum, intent in SIGNAL_INTENTS.items():
             gevent.signal_handler(signum, self._on_signal, signum, intent)
+        for signum in self._signal_callbacks.keys() - SIGNAL_INTENTS.keys():
+            gevent.signal_handler(signum, self._on_signal, signum, None)
+        self._signals_installed = True
 
-    def _on_signal(self, signum: int, intent: Intent) -> None:
-        self._intents.put(intent)
+    def _on_signal(self, signum: int, intent: Intent | None) -> None:
+        if intent is not None:
+            self._intents.put(intent)
         for callback in self._signal_callbacks.get(signum, []):
             self._intents.put(_Call(callback, (signum, self), "master signal handler"))
 

@@ -27,3 +27,16 @@ SIGNAL_INTENTS: dict[int, Intent] = {
     signal.SIGTTIN: Intent.MORE_WORKERS,
     signal.SIGTTOU: Intent.FEWER_WORKERS,
 }
+
+
+def uncatchable(signum: int) -> str | None:
+    """Why the master cannot run a callback on `signum` (None: it can)."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"{signum!r} is not a signal"
+    if signum in (signal.SIGKILL, signal.SIGSTOP):
+        return f"{name} cannot be caught"
+    if signum == signal.SIGCHLD:
+        return "SIGCHLD belongs to gevent's child watcher, which reaps the fork server"
+    return None

@@ -108,3 +108,8 @@ def inspect(message) -> None:
             "properties": repr(sorted(message.properties)),
         }
     )
+
+
+def environment(message) -> None:
+    """Record the id and every value of the handler's os.environ (a secrets test)."""
+    _write({"id": message.json()["id"], "pid": os.getpid(), "environ": sorted(os.environ.values())})

@@ -102,3 +102,35 @@ def test_term_while_the_floor_boots_stops_cleanly(run_cli, queue_names, tmp_path
     runner.proc.send_signal(signal.SIGTERM)
     assert runner.wait(30) == 0, runner.output()[-2000:]
     assert ids_in(queue) == [1], "nothing was consumed: the message is still in the queue"
+
+
+def test_master_signals_outside_the_built_in_set_run_their_callbacks(queue_names, tmp_path):
+    """USR2 and WINCH would otherwise keep their default action (USR2 kills the master)."""
+    queue = queue_names()
+    publish_ids(queue, [1])
+    record = tmp_path / "rec"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SG_SIGNALS": str(record), "SPEED_GEVENT_BROKER": BROKER}
+    process = subprocess.Popen([sys.executable, "-m", "tests.apps.master_signals", queue], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "consuming" in line:
+                break
+        names = []
+        for signum in (signal.SIGUSR2, signal.SIGWINCH, signal.SIGUSR1):
+            process.send_signal(signum)
+            names.append(signum.name)
+            wait_until(
+                lambda: record.read_text().splitlines()[1:] == names, 10, message=f"{signum.name} handled"
+            )
+        assert process.poll() is None, "the master is still running"
+        assert record.read_text().splitlines()[0] == "refused: add_signal: SIGKILL cannot be caught"
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+        assert process.returncode == 0, errors[-2000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert ids_in(queue) == []

@@ -51,6 +51,8 @@ class ForkServerHarness:
                 str(theirs.fileno()),
                 "--target",
                 target,
+                "--master-pid",
+                str(os.getpid()),
             ],
             pass_fds=(theirs.fileno(),),
             cwd=ROOT,
@@ -199,7 +201,8 @@ def test_fork_server_dies_with_its_parent(tmp_path):
         "from speed_gevent.protocol import encode, decode, SpawnFrame\n"
         "ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
         "p = subprocess.Popen([sys.executable, '-m', 'speed_gevent.forkserver', '--fd', str(theirs.fileno()),"
-        " '--target', 'tests.apps.recorder:handle'], pass_fds=(theirs.fileno(),))\n"
+        " '--target', 'tests.apps.recorder:handle', '--master-pid', str(os.getpid())],"
+        " pass_fds=(theirs.fileno(),))\n"
         "decode(ours.recv(65536))\n"
         "a, b = socket.socketpair()\n"
         "socket.send_fds(ours, [encode(SpawnFrame(1))], [b.fileno()])\n"
@@ -292,3 +295,17 @@ def test_a_user_signal_handler_that_stops_an_idle_worker_wakes_it_at_once():
         assert read_frames(conn, 1) == [ExitRequestFrame("USR1 asked twice")]
     finally:
         harness.close()
+
+
+def test_a_fork_server_whose_master_is_already_gone_exits_at_once():
+    """Its parent is not the master it was started for (the master died and it was
+    re-parented before it could ask for the parent-death signal): it leaves."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "speed_gevent.forkserver", "--fd", str(theirs.fileno()),
+         "--target", "tests.apps.recorder:handle", "--master-pid", "1"],
+        pass_fds=(theirs.fileno(),), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    theirs.close()
+    assert proc.wait(10) == WorkerExit.PARENT_GONE
+    ours.close()

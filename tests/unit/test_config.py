@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from speed_gevent.config import load_settings, split_prefetch
 from speed_gevent.errors import ConfigError
+from speed_gevent.signals import uncatchable
 from speed_gevent.units import parse_duration, parse_size
 
 T = "app:handle"
@@ -43,6 +46,8 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path):
             r"--max-workers: .* \(from SPEED_GEVENT_MAX_WORKERS\)",
         ),
         ({"queue": ["a"], "heartbeat": "soon"}, {}, r"--heartbeat: expected a duration"),
+        ({"queue": ["a"], "heartbeat": "0.5s"}, {}, r"--heartbeat: expected whole seconds"),
+        ({"queue": ["a"], "heartbeat": "1500ms"}, {}, r"--heartbeat: expected whole seconds"),
         ({"queue": ["a"], "graceful-timeout": "-1s"}, {}, r"--graceful-timeout"),
         ({}, {}, r"--queue: at least one queue is required"),
         ({"queue": [""]}, {}, r"--queue: queue name must not be empty"),
@@ -121,3 +126,16 @@ def test_bad_sizes(text):
 def test_prefetch_split_adds_up(total, queues, parts):
     split = split_prefetch(total, queues)
     assert list(split.values()) == parts and sum(split.values()) == total
+
+
+@pytest.mark.parametrize("signum, why", [
+    (signal.SIGKILL, "SIGKILL cannot be caught"),
+    (signal.SIGSTOP, "SIGSTOP cannot be caught"),
+    (signal.SIGCHLD, "SIGCHLD belongs to gevent's child watcher"),
+    (999, "999 is not a signal"),
+    (signal.SIGUSR2, None),
+    (signal.SIGWINCH, None),
+])  # fmt: skip
+def test_which_signals_a_master_callback_may_take(signum, why):
+    found = uncatchable(signum)
+    assert found == why if why is None else why in found
