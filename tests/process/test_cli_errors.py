@@ -4,12 +4,14 @@ nothing started (checked before the fork server or the broker is touched)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,3 +75,37 @@ def test_version_and_help():
     text = run("run", "--help").stdout
     for flag in ("--max-workers", "--max-cache", "--exit-when-idle", "SPEED_GEVENT_BROKER"):
         assert flag in text
+
+
+@pytest.mark.parametrize("when", ["importing", "fork-server-handshake"])
+def test_a_stop_during_start_is_a_clean_exit_0(when):
+    """TERM while the interpreter still imports (before any handler of the master's), or
+    while the fork server imports a slow target: exit 0, no traceback, nothing consumed
+    (no broker listens at NOWHERE: it is never needed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPEED_GEVENT_")}
+    env.update({"PYTHONPATH": str(ROOT), "SPEED_GEVENT_BROKER": NOWHERE, "SG_SLOW_IMPORT": "3"})
+    process = subprocess.Popen([sys.executable, "-m", "speed_gevent", "run", "tests.apps.slow_import:handle",
+                                "-q", "a"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        if when == "importing":
+            time.sleep(0.25)  # past the interpreter's own start-up, still in our imports
+        else:
+            wait_until(lambda: any("forkserver" in t for t in child_titles(process.pid)), 20,
+                       message="the fork server importing the target")  # fmt: skip
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, errors
+    assert "Traceback" not in errors
+
+
+def child_titles(pid: int) -> list[str]:
+    import psutil
+
+    try:
+        return [" ".join(child.cmdline()) for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
