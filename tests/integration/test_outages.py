@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -29,6 +30,7 @@ from tests.helpers import (
     read_records,
     worker_pids,
 )
+from tests.proxy import PausableProxy
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -175,3 +177,41 @@ def test_a_stop_during_an_outage_ends_at_once_with_0(broker_restart, run_recorde
     left = ids_in(queue)
     handled = set(handled_ids(record))
     assert handled | set(left) == set(ids), "every message handled or back in the queue"
+
+
+@pytest.fixture
+def proxy() -> Iterator[PausableProxy]:
+    silent = PausableProxy()
+    yield silent
+    silent.close()
+
+
+def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, queue_names, tmp_path, proxy):
+    """Packets dropped, no FIN: missed heartbeats end the connection within about two
+    intervals; the master reconnects once the path is back, keeps its workers, and
+    consumes again. Handlers that run longer than the interval keep heartbeats flowing."""
+    queue = queue_names()
+    publish_ids(queue, list(range(1, 11)), extra={i: {"sleep": 0.5} for i in range(1, 11)})
+    record = tmp_path / "rec"
+    url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
+    runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", "--heartbeat", "2s",
+                          "--exit-when-idle", "5s", record=record,
+                          env={"SPEED_GEVENT_BROKER": url})  # fmt: skip
+    wait_until(lambda: len(handled_ids(record)) >= 10, 30, message="the first ten")
+    proxy.pause()
+    paused_at = time.monotonic()
+    wait_until(lambda: "lost the connection" in runner.output(), 20, message="missed heartbeats noticed")
+    noticed = time.monotonic() - paused_at
+    assert noticed < 2 * 2 + 3, f"noticed after {noticed:.1f}s: about two heartbeat intervals"
+    wait_until(lambda: "cannot reach the broker" in runner.output(), 30,
+               message="a reconnect into the silence: its handshake is bounded")  # fmt: skip
+    proxy.resume()
+    wait_until(lambda: "recovered the connection" in runner.output(), 60, message="the recovery")
+    wait_until(lambda: consumer_count(queue) == 1, 30, message="consuming again")
+    publish_ids(queue, list(range(11, 21)), extra={11: {"sleep": 5}})  # longer than two intervals
+    assert runner.wait(90) == 0, runner.output()[-3000:]
+    handled = handled_ids(record)
+    assert set(handled) == set(range(1, 21)), runner.output()[-3000:]
+    assert ids_in(queue) == []
+    assert len(worker_pids(record)) == 2, "the workers were kept"
+    assert runner.output().count("lost the connection") == 1, "one outage; the long handler lost nothing"

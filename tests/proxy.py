@@ -1,0 +1,68 @@
+"""A TCP proxy in front of the broker that can go silent: while paused it neither reads
+nor forwards, nor answers new connections (they wait in the listen backlog), so both
+ends see a connection that is open and quiet, as with packets dropped and no FIN."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+
+
+class PausableProxy:
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5672)) -> None:
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._paused = threading.Event()
+        self._closed = threading.Event()
+        self._peers: dict[socket.socket, socket.socket] = {}
+        self._thread = threading.Thread(target=self._serve, name="proxy", daemon=True)
+        self._thread.start()
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(5)
+        for sock in [self._listener, *self._peers]:
+            sock.close()
+
+    def _serve(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        while not self._closed.is_set():
+            if self._paused.is_set():
+                time.sleep(0.02)
+                continue
+            for key, _ in selector.select(0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._listener:
+                    client, _ = sock.accept()
+                    upstream = socket.create_connection(self._target)
+                    self._peers[client], self._peers[upstream] = upstream, client
+                    selector.register(client, selectors.EVENT_READ)
+                    selector.register(upstream, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                other = self._peers.get(sock)
+                if data and other is not None:
+                    try:
+                        other.sendall(data)
+                        continue
+                    except OSError:
+                        pass
+                for end in (sock, other):  # one side closed: close both
+                    if end is not None and end in self._peers:
+                        selector.unregister(end)
+                        self._peers.pop(end)
+                        end.close()
