@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     given = {option.name: getattr(args, option.attr) for option in OPTIONS if hasattr(args, option.attr)}
     config_path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
     settings = load_settings(args.target, given, os.environ, config_path)
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, background=True)
     from .master import Master
 
     return Master(settings).run()

@@ -23,8 +23,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str, fmt: str, background: bool = False) -> None:
+    """`background`: the master's lines are written by a real thread (see logthread)."""
+    handler: logging.Handler
+    if background:
+        from .logthread import BackgroundStreamHandler
+
+        handler = BackgroundStreamHandler(sys.stderr)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

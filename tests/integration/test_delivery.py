@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.conftest import BROKER, ROOT, wait_until
 from tests.helpers import (
     alive,
     broker_connection_of,
@@ -332,3 +334,32 @@ def test_handler_retry_asks_for_another_attempt(run_recorder, queue_names, tmp_p
     assert records[1]["attempt"] == 2 and records[2]["attempt"] == 1
     assert "retried 1, dead-lettered 0" in runner.output()
     assert ready_count(queue + ".dead") == 0
+
+
+def test_a_stderr_nobody_reads_does_not_stop_the_master(queue_names, tmp_path):
+    """Over a thousand warnings while the stderr pipe (64 KiB) is never read: the master
+    keeps working, since a real thread writes its lines; what does not fit is dropped,
+    counted, and the count is written once the pipe is read again."""
+    queue = queue_names()
+    ids = list(range(1, 1301))
+    publish_ids(queue, ids, extra={i: {"fail": True} for i in ids})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPEED_GEVENT_")}
+    env.update({"SPEED_GEVENT_BROKER": BROKER, "PYTHONPATH": str(ROOT)})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "speed_gevent", "run", "tests.apps.recorder:handle", "-q", queue,
+         "--max-retries", "0", "--max-workers", "2", "--exit-when-idle", "2s"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: ready_count(queue + ".dead") == len(ids), 60, message="every message dead-lettered"
+        )
+        _, errors = process.communicate(timeout=60)  # read at last
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, errors[-2000:]
+    assert "log lines dropped: stderr was not read" in errors
+    assert "dead-lettered 1300" in errors.splitlines()[-1]
+    assert sorted(ids_in(queue + ".dead")) == ids
