@@ -576,6 +576,7 @@ class Router:
         consumer timeout, the graceful-stop deadline, --exit-when-idle."""
         self._timer_at = None
         self._kill_overdue_handlers(now)
+        self._warn_late_handlers(now)
         self._expire_cache(now)
         if self.phase is Phase.DRAINING:
             if not self._immediate and self._drain_deadline is not None and now >= self._drain_deadline:
@@ -938,6 +939,24 @@ class Router:
                 self._kill(worker, "timeout")
                 worker.kill_target = running.delivery.id
 
+    def _warn_late_handlers(self, now: float) -> None:
+        """A running handler cannot be given back: at CACHE_AGE_LIMIT of the consumer
+        timeout, say which message will make the broker close the channel."""
+        age = self._cache_age_limit()
+        for worker in self._workers.values():
+            running = worker.running
+            if running is None or running.warned or running.delivery.received_at + age > now:
+                continue
+            running.warned = True
+            delivery = running.delivery
+            logger.warning(
+                "delivery %s from %r has been unacked %.0fs and its handler (worker %s, pid %s) still "
+                "runs: at --consumer-timeout %gs the broker closes the channel and redelivers it "
+                "(a --timeout below the consumer timeout bounds handlers)",
+                delivery.id, delivery.queue, now - delivery.received_at, worker.worker_id, worker.pid,
+                self.settings.consumer_timeout,
+            )  # fmt: skip
+
     def _expire_cache(self, now: float) -> None:
         """RabbitMQ closes the channel when a delivery stays unacked past its consumer
         timeout: give back what waited too long so another consumer can take it. One that
@@ -989,20 +1008,10 @@ class Router:
             self._begin_drain(now)
 
     def _next_deadline(self, now: float) -> float | None:
-        times: list[float] = []
-        timeout = self.settings.timeout
-        if timeout:
-            for worker in self._workers.values():
-                running = worker.running
-                if running is not None and worker.kill_reason is None and running.started_at is not None:
-                    times.append(running.started_at + timeout)
+        times = self._worker_deadlines()
         waiting = [d.received_at for d in self._cache.peek_all()]
         if waiting:
             times.append(min(waiting) + self._cache_age_limit())
-        for w in self._workers.values():
-            if len(w.held) > 1 and w.kill_reason is None:
-                limit = self._cache_age_limit() if w.state is WorkerState.BUSY else self._window_age_limit()
-                times.append(w.held[1].delivery.received_at + limit)
         if self.phase is Phase.DRAINING:
             if not self._immediate and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
@@ -1012,6 +1021,23 @@ class Router:
             limit = self.settings.exit_when_idle
             times.append(max(self._last_delivery_at + limit, now + min(1.0, limit / 4)))
         return min(times) if times else None
+
+    def _worker_deadlines(self) -> list[float]:
+        """--timeout of each running handler, the consumer-timeout warning for it, and the
+        age limit of the first unstarted message in each window."""
+        times: list[float] = []
+        timeout, age = self.settings.timeout, self._cache_age_limit()
+        for worker in self._workers.values():
+            running = worker.running
+            if running is not None and running.started_at is not None:
+                if timeout and worker.kill_reason is None:
+                    times.append(running.started_at + timeout)
+                if not running.warned:
+                    times.append(running.delivery.received_at + age)
+            if len(worker.held) > 1 and worker.kill_reason is None:
+                limit = age if worker.state is WorkerState.BUSY else self._window_age_limit()
+                times.append(worker.held[1].delivery.received_at + limit)
+        return times
 
     # -- internals: stopping -------------------------------------------------------------------
 

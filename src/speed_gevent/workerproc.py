@@ -26,6 +26,7 @@ class WorkerState(Enum):
 class InFlight:
     delivery: Delivery
     started_at: float | None  #: when its handler started; None while it waits in the window
+    warned: bool = False  #: its handler was logged as running near the consumer timeout
 
 
 class WorkerSlot:

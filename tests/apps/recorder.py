@@ -1,7 +1,8 @@
 """Test handlers: record every message id they see to the file named by SG_RECORD.
 
 Bodies are JSON objects with an "id" and optional instructions: "fail" (raise),
-"exit" (os._exit mid-message), "hang" (sleep for an hour), "sleep" (seconds), "reject",
+"exit" (os._exit mid-message), "hang" (sleep for an hour), "sleep" (seconds), "sleep_first"
+(seconds, unless redelivered), "reject",
 "leak" (keep 5 MB per message), "retry" (raise Retry on the first attempt), "corrupt"
 ("outcome" or "huge": on the first attempt, write a bad frame to the master ourselves). Messages
 that exit or hang first write a "start" record, so a test can count deliveries that
@@ -38,6 +39,8 @@ def handle(message) -> None:
         _write({"id": data["id"], "pid": os.getpid(), "event": "start", "attempt": message.attempt})
     if data.get("sleep"):
         time.sleep(data["sleep"])
+    if data.get("sleep_first") and not message.redelivered:
+        time.sleep(data["sleep_first"])
     if data.get("hang"):
         time.sleep(3600)
     if data.get("exit"):

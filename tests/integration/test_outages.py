@@ -215,3 +215,54 @@ def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, 
     assert ids_in(queue) == []
     assert len(worker_pids(record)) == 2, "the workers were kept"
     assert runner.output().count("lost the connection") == 1, "one outage; the long handler lost nothing"
+
+
+def rabbit_env(key: str, value: str | None = None) -> str:
+    """Read (or set) one of the broker's `rabbit` application settings at run time."""
+    expr = (
+        f"application:set_env(rabbit, {key}, {value})." if value else f"application:get_env(rabbit, {key})."
+    )
+    return subprocess.run(["rabbitmqctl", "eval", expr], capture_output=True, text=True, timeout=30,
+                          check=True).stdout.strip()  # fmt: skip
+
+
+@pytest.fixture
+def short_consumer_timeout() -> Iterator[float]:
+    """A 4 s consumer timeout, checked every 0.5 s, for channels opened from now on (the
+    broker reads both when a channel opens, which is why setting them under a running
+    channel seemed to do nothing). The defaults come back afterwards, whatever happens."""
+    saved = {key: rabbit_env(key) for key in ("consumer_timeout", "channel_tick_interval")}
+    rabbit_env("consumer_timeout", "4000")
+    rabbit_env("channel_tick_interval", "500")
+    try:
+        yield 4.0
+    finally:
+        for key, value in saved.items():  # "{ok,1800000}", or "undefined"
+            if value.startswith("{ok,"):
+                rabbit_env(key, value[4:-1])
+            else:
+                subprocess.run(["rabbitmqctl", "eval", f"application:unset_env(rabbit, {key})."],
+                               capture_output=True, timeout=30, check=True)  # fmt: skip
+
+
+def test_a_handler_past_the_consumer_timeout_is_named_then_redelivered(
+    run_recorder, queue_names, tmp_path, short_consumer_timeout
+):
+    """The handler of the only message runs 7 s under a 4 s consumer timeout: at 90% the
+    master names it; the broker closes the channel; the master recovers it and the message
+    comes again (a duplicate, as the README says), and its first result is never acked on
+    the new channel. (With messages waiting in its window, the worker would be killed
+    instead: the router's unit tests cover that.)"""
+    queue = queue_names()
+    publish_ids(queue, [1], extra={1: {"sleep_first": 7}})
+    record = tmp_path / "rec"
+    runner = run_recorder(queue, "--min-workers", "1", "--max-workers", "1", "--consumer-timeout", "4s",
+                          "--exit-when-idle", "6s", record=record)  # fmt: skip
+    assert runner.wait(90) == 0, runner.output()[-3000:]
+    output = runner.output()
+    named = [line for line in output.splitlines() if "still runs" in line]
+    assert len(named) == 1 and "delivery 1 " in named[0], output[-3000:]
+    assert "delivery acknowledgement on channel" in output, output[-3000:]
+    assert "recovered the channel" in output, output[-3000:]
+    assert handled_ids(record)[1] == 2, "the first run's result is not acked; the redelivery is"
+    assert ids_in(queue) == []

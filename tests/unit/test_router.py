@@ -597,3 +597,18 @@ def test_the_idle_clock_starts_when_consuming_starts():
     assert w.router.phase is Phase.RUNNING
     w.advance(0.6)
     assert w.router.phase is Phase.DRAINING
+
+
+def test_a_handler_still_running_near_the_consumer_timeout_is_named_once(caplog):
+    w = world(min_workers=1, max_workers=1, consumer_timeout=100.0)
+    running = w.arrive()
+    w.advance(89.0)
+    assert "still runs" not in caplog.text
+    w.advance(1.5)
+    warnings = [r.getMessage() for r in caplog.records if "still runs" in r.getMessage()]
+    assert len(warnings) == 1 and f"delivery {running.id} " in warnings[0], warnings
+    w.advance(5.0)
+    assert sum("still runs" in r.getMessage() for r in caplog.records) == 1, "once per message"
+    w.finish(1)
+    w.take_acks()
+    assert w.acked == [running.id]
