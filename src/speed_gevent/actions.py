@@ -95,6 +95,17 @@ class CancelConsumers:
 
 
 @dataclass(frozen=True, slots=True)
+class PauseConsuming:
+    """basic.cancel every consumer: the bodies the master holds exceed --max-cache-bytes
+    (the broker has no byte prefetch: it answers `prefetch_size` with NOT_IMPLEMENTED)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeConsuming:
+    """basic.qos and basic.consume again: what the master holds fell to half the bound."""
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
     """Call `Router.tick(now)` at monotonic time `at` (replaces the timer set before)."""
 
@@ -126,5 +137,5 @@ class Fatal:
 
 Action = (
     Spawn | SendMessage | StopWorker | KillWorker | TermWorker | Reject | Publish | AcksReady
-    | CancelConsumers | SetTimer | WorkerExited | Drained | Fatal
+    | CancelConsumers | PauseConsuming | ResumeConsuming | SetTimer | WorkerExited | Drained | Fatal
 )  # fmt: skip

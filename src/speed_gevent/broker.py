@@ -507,7 +507,8 @@ class BrokerSession:
                 op[2]()
             elif op[0] == "cancel":
                 for tag in list(self._queue_of):
-                    self._channel.basic_cancel(tag)
+                    self._channel.basic_cancel(tag)  # deliveries before its cancel-ok come first
+                    del self._queue_of[tag]
                 op[1]()
         if self._aborting:
             return

@@ -58,3 +58,39 @@ class MessageCache:
         expired = [d for d in self._items if d.received_at + max_age <= now]
         self._items = deque(d for d in self._items if d.received_at + max_age > now)
         return expired
+
+
+class Unsettled:
+    """Deliveries received and not settled yet, by id, and the bytes of their bodies:
+    what the master holds in memory for the broker (cache, windows, running handlers,
+    republishes waiting for their confirms)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, Delivery] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __contains__(self, delivery_id: int) -> bool:
+        return delivery_id in self._by_id
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._by_id)
+
+    def add(self, delivery: Delivery) -> None:
+        self.pop(delivery.id)
+        self._by_id[delivery.id] = delivery
+        self.bytes += len(delivery.body)
+
+    def get(self, delivery_id: int) -> Delivery | None:
+        return self._by_id.get(delivery_id)
+
+    def pop(self, delivery_id: int) -> Delivery | None:
+        delivery = self._by_id.pop(delivery_id, None)
+        if delivery is not None:
+            self.bytes -= len(delivery.body)
+        return delivery
+
+    def values(self) -> Iterator[Delivery]:
+        return iter(self._by_id.values())

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, earlystop
 from .config import ENV_PREFIX, OPTIONS, load_settings, queue_name
 from .errors import (
     BrokerError,
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        earlystop.release()
+        if earlystop.received():
+            return _fail(ExitCode.INTERRUPTED, "interrupted before anything was published")
         return _publish(args)
     except (ConfigError, TargetError, QueueMissingError) as exc:
         return _fail(ExitCode.USAGE, str(exc))
@@ -89,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(ExitCode.BROKER, str(exc))
     except FatalError as exc:
         return _fail(ExitCode.FATAL, str(exc))
-    except KeyboardInterrupt:
-        return ExitCode.OK
+    except KeyboardInterrupt:  # INT during `publish` (TERM keeps its default there)
+        return _fail(ExitCode.INTERRUPTED, "interrupted; what was confirmed so far stays published")
 
 
 def _fail(code: ExitCode, message: str) -> int:
@@ -108,6 +111,9 @@ def _run(args: argparse.Namespace) -> int:
     config_path = args.config or os.environ.get(ENV_PREFIX + "CONFIG")
     settings = load_settings(args.target, given, os.environ, config_path)
     setup_logging(settings.log_level, settings.log_format, background=True)
+    if earlystop.received():
+        logging.getLogger(__name__).info("stopped before start: nothing was started")
+        return ExitCode.OK
     from .master import Master
 
     return Master(settings).run()

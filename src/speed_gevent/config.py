@@ -173,6 +173,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-cache", _int_at_least(1), None,
            f"most unacked messages held, all queues together (default {CACHE_PER_WORKER} "
            "per worker)", metavar="N"),
+    Option("max-cache-bytes", _optional_size, 64 * 2**20,
+           "pause consuming while the message bodies held exceed this; again at half (0: off)",
+           metavar="SIZE"),
     Option("max-idle", _optional_duration, 60.0,
            "retire a worker idle this long, down to --min-workers (0: never)", metavar="DURATION"),
     Option("patrol-interval", _positive_duration, 60.0, "how often the patrol runs",
@@ -217,6 +220,7 @@ class Settings:
     min_workers: int
     max_workers: int
     max_cache: int
+    max_cache_bytes: int | None
     max_idle: float | None
     patrol_interval: float
     max_worker_memory: int | None

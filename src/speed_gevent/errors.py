@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     FATAL = 1  #: unrecoverable runtime error
     USAGE = 2  #: usage or configuration error, reported before any work starts
     BROKER = 3  #: the broker refused the credentials/vhost, or could not be reached
+    INTERRUPTED = 130  #: `publish` stopped by INT before it finished
 
 
 class WorkerExit(IntEnum):

@@ -31,6 +31,7 @@ import gevent.queue
 from gevent.pool import Group
 
 from . import actions as act
+from . import earlystop
 from .broker import BrokerSession, ConnectionLost
 from .config import Settings, load_settings
 from .delivery import Delivery
@@ -223,6 +224,8 @@ class Master:
         for signum in self._signal_callbacks.keys() - SIGNAL_INTENTS.keys():
             gevent.signal_handler(signum, self._on_signal, signum, None)
         self._signals_installed = True
+        for signum in earlystop.received():  # a stop while the master was being built
+            self._on_signal(signum, SIGNAL_INTENTS[signum])
 
     def _on_signal(self, signum: int, intent: Intent | None) -> None:
         if intent is not None:
@@ -283,8 +286,10 @@ class Master:
         elif isinstance(action, act.SetTimer):
             self._timer_at = action.at
             self._timer_moved.set()
-        elif isinstance(action, act.CancelConsumers):
+        elif isinstance(action, act.CancelConsumers | act.PauseConsuming):
             self._session.cancel(lambda: None)
+        elif isinstance(action, act.ResumeConsuming):
+            self._session.consume(self.settings.prefetch_per_queue(), lambda: None)
         elif isinstance(action, act.WorkerExited):
             self._intents.put(_Call(self._fire, ("worker_exit", action.pid, action.reason), "worker_exit"))
         elif isinstance(action, act.Drained):

@@ -43,8 +43,10 @@ from .actions import (
     Drained,
     Fatal,
     KillWorker,
+    PauseConsuming,
     Publish,
     Reject,
+    ResumeConsuming,
     SendMessage,
     SetTimer,
     Spawn,
@@ -52,7 +54,7 @@ from .actions import (
     TermWorker,
     WorkerExited,
 )
-from .cache import MessageCache
+from .cache import MessageCache, Unsettled
 from .delivery import Delivery
 from .patrol import Limits, Retire, RetireReason, SpawnGuard, WorkerView, plan, workers_to_spawn
 from .patrol import Spawn as PlanSpawn
@@ -116,6 +118,7 @@ class RouterSettings:
     graceful_timeout: float = 30.0
     consumer_timeout: float = 1800.0
     exit_when_idle: float | None = None
+    max_cache_bytes: int | None = None
 
     @classmethod
     def of(cls, settings: Any) -> RouterSettings:
@@ -150,7 +153,9 @@ class Router:
         self._workers: dict[int, WorkerSlot] = {}
         self._idle: list[int] = []  # a stack: the most recently idle worker is on top
         self._next_worker = 0
-        self._open: dict[int, Delivery] = {}  # received and not settled yet, by delivery id
+        self._open = Unsettled()  # received and not settled yet, by delivery id
+        self._paused = False  # consumers cancelled while the open bodies exceed the byte bound
+        self._pauses = 0
         self._republishing: dict[int, _Republish] = {}
         self._next_publish = 0
         self._tracker = AckTracker()
@@ -226,13 +231,14 @@ class Router:
         """The channel broke: the broker takes back every unacked delivery of it. Cached ones
         and pending republishes are dropped (redelivered); running handlers finish, unacked."""
         for delivery in self._cache.drain():
-            self._open.pop(delivery.id, None)
+            self._open.pop(delivery.id)
         for entry in self._republishing.values():
-            self._open.pop(entry.delivery.id, None)
+            self._open.pop(entry.delivery.id)
         self._republishing.clear()
         self._finished = []
         self.generation = -abs(self.generation) - 1  # no channel until channel_opened
         self._consuming = False  # no message can come: the idle clock waits for `consuming`
+        self._paused = False  # the recovery consumes anew
         self._check_drained(now)
         return self._emit()
 
@@ -261,7 +267,7 @@ class Router:
             logger.error("%r arrived on an old channel; not taken", delivery)
             return self._emit()
         self._tracker.received(delivery.tag)
-        self._open[delivery.id] = delivery
+        self._open.add(delivery)
         if delivery.problem is not None:
             logger.error(
                 "delivery %s from %r cannot be handled: %s", delivery.id, delivery.queue, delivery.problem
@@ -286,7 +292,7 @@ class Router:
             return self._emit()
         delivery, decision = entry.delivery, entry.decision
         if delivery.generation != self.generation:
-            self._open.pop(delivery.id, None)
+            self._open.pop(delivery.id)
         elif not ok:
             logger.error(
                 "could not republish delivery %s to %r (%s); the original goes back to %r",
@@ -596,8 +602,30 @@ class Router:
     # -- internals: dispatch and the pool ------------------------------------------------
 
     def _emit(self) -> list[Action]:
+        self._bound_bytes()
         out, self._out = self._out, []
         return out
+
+    def _bound_bytes(self) -> None:
+        """Stop consuming while the bodies held exceed --max-cache-bytes; consume again at
+        half of it (the broker still sends what was on the way: at most the prefetch)."""
+        bound = self.settings.max_cache_bytes
+        if not bound or self.phase is not Phase.RUNNING or not self._consuming:
+            return
+        held = self._open.bytes
+        if not self._paused and held > bound:
+            self._paused = True
+            self._pauses += 1
+            logger.log(
+                logging.WARNING if self._pauses == 1 else logging.DEBUG,  # routine with large bodies
+                "holding %d bytes of messages, above --max-cache-bytes %d: consuming paused until "
+                "half of it is left (pause %d)", held, bound, self._pauses,
+            )  # fmt: skip
+            self._out.append(PauseConsuming())
+        elif self._paused and held <= bound // 2:
+            self._paused = False
+            logger.debug("holding %d bytes of messages: consuming again", held)
+            self._out.append(ResumeConsuming())
 
     def _arm(self, at: float) -> None:
         if self._timer_at is None or at < self._timer_at:
@@ -839,7 +867,7 @@ class Router:
             return
         if delivery.generation != self.generation:
             logger.info("not settling %r from an old channel; the broker redelivers it", delivery)
-            del self._open[delivery.id]
+            self._open.pop(delivery.id)
             return
         decision = decide(failure, delivery.attempt, self.settings.max_retries)
         if decision.action is Verdict.ACK:
@@ -867,7 +895,7 @@ class Router:
         self._out.append(Publish(self._next_publish, target, delivery.body, properties, delivery.id))
 
     def _ack(self, delivery: Delivery) -> None:
-        del self._open[delivery.id]
+        self._open.pop(delivery.id)
         self.counters.acked += 1
         self._finished.append(delivery.tag)
         pending = len(self._finished)
@@ -878,7 +906,7 @@ class Router:
 
     def _give_back(self, delivery: Delivery) -> None:
         """Return a delivery unacked (reject with requeue): not a failed attempt."""
-        if self._open.pop(delivery.id, None) is None:
+        if self._open.pop(delivery.id) is None:
             return
         if delivery.generation != self.generation:
             return  # its channel is gone: the broker has it back already
@@ -1117,7 +1145,13 @@ class Router:
     def snapshot(self, now: float) -> dict[str, Any]:
         """The pool and the cache for `Master.stat()` (no secrets here)."""
         return {
-            "cache": {"size": len(self._cache), "capacity": self._cache.capacity},
+            "cache": {
+                "size": len(self._cache),
+                "capacity": self._cache.capacity,
+                "bytes_held": self._open.bytes,
+                "paused": self._paused,
+                "pauses": self._pauses,
+            },
             "pool": {
                 "min_workers": self.settings.min_workers,
                 "max_workers": self.max_workers,

@@ -363,3 +363,25 @@ def test_a_stderr_nobody_reads_does_not_stop_the_master(queue_names, tmp_path):
     assert "log lines dropped: stderr was not read" in errors
     assert "dead-lettered 1300" in errors.splitlines()[-1]
     assert sorted(ids_in(queue + ".dead")) == ids
+
+
+def test_large_messages_pause_consuming_above_the_byte_bound(run_recorder, queue_names, tmp_path):
+    """300 KB bodies, a 1 MB bound and a prefetch of 16: consuming pauses (the broker would
+    otherwise hand over 4.8 MB) and resumes, again and again; every message handled once."""
+    queue = queue_names()
+    ids = list(range(1, 41))
+    padding = "p" * 300_000
+    publish_ids(queue, ids, extra={i: {"sleep": 0.05, "padding": padding} for i in ids})
+    record = tmp_path / "rec"
+    runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", "--max-cache", "16",
+                          "--max-cache-bytes", "1MB", "--exit-when-idle", "2s", "--log-level", "debug",
+                          record=record)  # fmt: skip
+    assert runner.wait(90) == 0, runner.output()[-3000:]
+    handled = handled_ids(record)
+    assert set(handled) == set(ids) and max(handled.values()) == 1, runner.output()[-3000:]
+    output = runner.output()
+    pauses = output.count("consuming paused")
+    assert pauses >= 2 and output.count("consuming again") >= pauses - 1, output[-3000:]
+    held = [int(n) for n in re.findall(r"holding (\d+) bytes of messages, above", output)]
+    assert max(held) <= 1_000_000 + 16 * 310_000, "the bound plus what was on the way at most"
+    assert ids_in(queue) == []

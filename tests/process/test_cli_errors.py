@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -77,22 +76,28 @@ def test_version_and_help():
         assert flag in text
 
 
-@pytest.mark.parametrize("when", ["importing", "fork-server-handshake"])
-def test_a_stop_during_start_is_a_clean_exit_0(when):
-    """TERM while the interpreter still imports (before any handler of the master's), or
-    while the fork server imports a slow target: exit 0, no traceback, nothing consumed
-    (no broker listens at NOWHERE: it is never needed)."""
+@pytest.mark.parametrize("when", ["before-the-master", "fork-server-handshake"])
+def test_a_stop_during_start_is_a_clean_exit_0(when, tmp_path):
+    """TERM while the CLI still reads its config file (a FIFO it blocks on: before any
+    handler of the master's), or while the fork server imports a slow target: exit 0,
+    no traceback, nothing consumed (no broker listens at NOWHERE: it is never needed)."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPEED_GEVENT_")}
-    env.update({"PYTHONPATH": str(ROOT), "SPEED_GEVENT_BROKER": NOWHERE, "SG_SLOW_IMPORT": "3"})
+    env.update({"PYTHONPATH": str(ROOT), "SPEED_GEVENT_BROKER": NOWHERE, "SG_SLOW_IMPORT": "3",
+                "SPEED_GEVENT_CONFIG": str(fifo)})  # fmt: skip
     process = subprocess.Popen([sys.executable, "-m", "speed_gevent", "run", "tests.apps.slow_import:handle",
                                 "-q", "a"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        if when == "importing":
-            time.sleep(0.25)  # past the interpreter's own start-up, still in our imports
-        else:
+        writer = wait_until(lambda: open_for_writing(fifo), 20, message="the CLI opening its config")
+        if when == "before-the-master":
+            process.send_signal(signal.SIGTERM)
+        os.write(writer, b"")
+        os.close(writer)  # the config is read (empty): start goes on
+        if when == "fork-server-handshake":
             wait_until(lambda: any("forkserver" in t for t in child_titles(process.pid)), 20,
                        message="the fork server importing the target")  # fmt: skip
-        process.send_signal(signal.SIGTERM)
+            process.send_signal(signal.SIGTERM)
         _, errors = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
@@ -100,6 +105,16 @@ def test_a_stop_during_start_is_a_clean_exit_0(when):
             process.communicate()
     assert process.returncode == 0, errors
     assert "Traceback" not in errors
+    expected = "stopped before start" if when == "before-the-master" else "stopped during start"
+    assert expected in errors, errors
+
+
+def open_for_writing(fifo) -> int | None:
+    """A write end of the FIFO once a reader has it open (None before)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
 
 
 def child_titles(pid: int) -> list[str]:

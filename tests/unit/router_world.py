@@ -80,6 +80,8 @@ class World:
         self.started: set[int] = set()  # ids whose handler started (model's view)
         self.failed_results: set[int] = set()  # ids whose handler raised
         self.invalid: set[int] = set()
+        self.paused = False  # PauseConsuming seen, ResumeConsuming not yet
+        self.pauses = 0
         self.feed(self.router.channel_opened(self.generation))
 
     # -- feeding -----------------------------------------------------------------------
@@ -136,6 +138,18 @@ class World:
             self.drained = action.how
         elif isinstance(action, act.Fatal):
             self.fatal = action.reason
+        elif isinstance(action, act.PauseConsuming):
+            if self.paused:
+                raise Violation("consuming paused twice")
+            self.paused = True
+            self.pauses += 1
+        elif isinstance(action, act.ResumeConsuming):
+            if not self.paused:
+                raise Violation("consuming resumed while not paused")
+            bound = self.settings.max_cache_bytes or 0
+            if self.router._open.bytes > bound // 2:
+                raise Violation(f"resumed holding {self.router._open.bytes} bytes, above half of {bound}")
+            self.paused = False
 
     def _check_send(self, action: act.SendMessage) -> None:
         worker = self.workers.get(action.worker_id)
@@ -206,11 +220,13 @@ class World:
         mine = sum(1 for key in self.outstanding if key[0] == self.generation)
         return mine < self.settings.max_cache and self.router.phase is not Phase.STOPPED
 
-    def arrive(self, headers: dict[str, Any] | None = None, problem: str | None = None) -> Delivery:
+    def arrive(
+        self, headers: dict[str, Any] | None = None, problem: str | None = None, body: bytes = b"x"
+    ) -> Delivery:
         self._next_tag += 1
         self._next_id += 1
         properties = {"application_headers": headers} if headers else {}
-        d = Delivery(self._next_id, self.generation, self._next_tag, "q", "", "q", False, b"x", properties,
+        d = Delivery(self._next_id, self.generation, self._next_tag, "q", "", "q", False, body, properties,
                      self.now, problem)  # fmt: skip
         self.outstanding[(d.generation, d.tag)] = d
         if problem is not None:
@@ -267,6 +283,7 @@ class World:
             self.redelivered.append(self.outstanding.pop(key).id)
         self.publishes.clear()  # never confirmed on a lost channel
         self.feed(self.router.channel_lost(self.now))
+        self.paused = False  # the consumers went with the channel
         if recover:
             self.recover()
 

@@ -612,3 +612,35 @@ def test_a_handler_still_running_near_the_consumer_timeout_is_named_once(caplog)
     w.finish(1)
     w.take_acks()
     assert w.acked == [running.id]
+
+
+def test_consuming_pauses_above_the_byte_bound_and_resumes_at_half_of_it():
+    w = world(min_workers=1, max_workers=1, max_cache=8, max_cache_bytes=1000)
+    first = w.arrive(body=b"a" * 400)
+    w.arrive(body=b"b" * 400)
+    assert not w.paused
+    w.arrive(body=b"c" * 400)  # 1200 held
+    assert w.paused and w.pauses == 1
+    w.arrive(body=b"d" * 400)  # still on the way when the cancel went out: taken, no second pause
+    assert w.pauses == 1
+    w.finish(1)
+    w.take_acks()
+    assert w.acked == [first.id]
+    w.finish(1)  # 800 held: still above half
+    assert w.paused
+    w.finish(1)  # 400 held
+    assert not w.paused, "consuming again at half the bound"
+    w.finish(1)
+    w.take_acks()
+    assert len(w.acked) == 4
+
+
+def test_a_lost_channel_ends_a_pause_the_recovery_consumes_anew():
+    w = world(min_workers=1, max_workers=1, max_cache=8, max_cache_bytes=130)
+    for _ in range(3):
+        w.arrive(body=b"x" * 60)
+    assert w.paused
+    w.lose_channel()  # the cached one goes back; the worker's two stay held (120 bytes)
+    assert not w.router._paused and not w.paused
+    w.arrive(body=b"y" * 10)
+    assert not w.paused

@@ -50,8 +50,19 @@ class RouterMachine(RuleBasedStateMachine):
         max_messages=st.sampled_from([None, 3]),
         max_retries=st.integers(0, 2),
         exit_when_idle=st.sampled_from([None, 5.0]),
+        max_cache_bytes=st.sampled_from([None, 10, 25]),
     )
-    def start(self, max_cache, min_workers, extra, timeout, max_messages, max_retries, exit_when_idle):
+    def start(
+        self,
+        max_cache,
+        min_workers,
+        extra,
+        timeout,
+        max_messages,
+        max_retries,
+        exit_when_idle,
+        max_cache_bytes,
+    ):
         options = RouterSettings(
             max_cache=max_cache,
             min_workers=min_workers,
@@ -63,6 +74,7 @@ class RouterMachine(RuleBasedStateMachine):
             graceful_timeout=10.0,
             consumer_timeout=60.0,
             exit_when_idle=exit_when_idle,
+            max_cache_bytes=max_cache_bytes,
         )
         self.world = World(options)
         self.world.start()
@@ -70,10 +82,10 @@ class RouterMachine(RuleBasedStateMachine):
     # -- the broker ---------------------------------------------------------------------
 
     @precondition(lambda self: self.world.can_arrive())
-    @rule(attempt=st.sampled_from([None, 1, 2, 3]), bad=st.booleans())
-    def arrive(self, attempt, bad):
+    @rule(attempt=st.sampled_from([None, 1, 2, 3]), bad=st.booleans(), size=st.integers(0, 12))
+    def arrive(self, attempt, bad, size):
         headers = {"x-speed-attempt": attempt} if attempt else None
-        self.world.arrive(headers, problem="unframeable" if bad and attempt == 3 else None)
+        self.world.arrive(headers, problem="unframeable" if bad and attempt == 3 else None, body=b"x" * size)
 
     @precondition(lambda self: self.world.publishes)
     @rule(index=st.integers(0, 50), ok=st.booleans())
@@ -187,6 +199,16 @@ class RouterMachine(RuleBasedStateMachine):
         for worker in world.workers.values():
             if worker.holding and worker.head_since is not None and not worker.killed:
                 assert world.now < worker.head_since + timeout, f"{worker} runs past --timeout unkilled"
+
+    @invariant()
+    def bytes_held_are_the_open_bodies(self):
+        """The byte count the pause decides on is exactly the bodies not settled yet; a
+        running master over the bound has paused consuming."""
+        world, router = self.world, self.world.router
+        assert router._open.bytes == sum(len(d.body) for d in router._open.values())
+        bound = world.settings.max_cache_bytes
+        if bound and router.phase is Phase.RUNNING and router._consuming and router._open.bytes > bound:
+            assert world.paused
 
     @invariant()
     def workers_agree(self):
