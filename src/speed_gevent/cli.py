@@ -23,6 +23,7 @@ from .errors import (
     QueueMissingError,
     TargetError,
 )
+from .osproc import set_title
 from .urls import check_broker_url, mask_secrets
 
 logger = logging.getLogger("speed_gevent")
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The title replaces argv in /proc/<pid>/cmdline at once: `-b URL` holds a password
+    # (SPEED_GEVENT_BROKER keeps it out of argv altogether).
+    set_title(f"speed-gevent: {args.command}")
     try:
         if args.command == "run":
             return _run(args)

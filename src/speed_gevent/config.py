@@ -62,12 +62,16 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+#: AMQP carries the heartbeat as a 16-bit number of seconds.
+MAX_HEARTBEAT = 65535
+
+
 def _heartbeat(value: object) -> float:
     """Whole seconds: AMQP negotiates the heartbeat in seconds, so 0.5s would reach the
     broker as 0 (off) while the client still expected one every half second."""
     seconds = parse_duration(value)
-    if seconds != int(seconds):
-        raise ValueError("expected whole seconds (AMQP counts heartbeats in seconds), or 0 for off")
+    if seconds != int(seconds) or seconds > MAX_HEARTBEAT:
+        raise ValueError(f"expected whole seconds up to {MAX_HEARTBEAT} (AMQP's 16-bit count), or 0 for off")
     return seconds
 
 

@@ -64,8 +64,6 @@ class ForkClient:
             log_level,
             "--log-format",
             log_format,
-            "--master-pid",
-            str(os.getpid()),
         ]
         self._on_spawned = on_spawned
         self._on_exited = on_exited
@@ -79,7 +77,8 @@ class ForkClient:
     def start(self) -> None:
         """Start the fork server and wait until it imported TARGET (TargetError if it could not)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [*self._argv, "--fd", str(theirs.fileno())]
+        # The master's pid now, not when this was built (the master may have forked since).
+        argv = [*self._argv, "--fd", str(theirs.fileno()), "--master-pid", str(os.getpid())]
         self._proc = subprocess.Popen(
             argv, pass_fds=(theirs.fileno(),), close_fds=True, env=worker_environment()
         )

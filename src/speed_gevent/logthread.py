@@ -14,7 +14,8 @@ import logging
 import os
 import time
 from collections import deque
-from typing import TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 #: Lines waiting for the stream before new ones are dropped.
 CAPACITY = 1000
@@ -22,7 +23,7 @@ CAPACITY = 1000
 FLUSH_TIMEOUT = 2.0
 
 
-def _original(module: str, name: str) -> object:
+def _original(module: str, name: str) -> Callable[..., Any]:
     """The unpatched function (this module is imported after `patch_all`)."""
     from gevent import monkey
 
@@ -41,7 +42,7 @@ class BackgroundStreamHandler(logging.Handler):
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._sleep = _original("time", "sleep")
-        _original("_thread", "start_new_thread")(self._run, ())  # type: ignore[operator]
+        _original("_thread", "start_new_thread")(self._run, ())
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -62,7 +63,7 @@ class BackgroundStreamHandler(logging.Handler):
         """Wait (a while) until the thread wrote what is queued: called at exit."""
         deadline = time.monotonic() + FLUSH_TIMEOUT
         while self._busy() and time.monotonic() < deadline:
-            self._sleep(0.01)  # type: ignore[operator]
+            self._sleep(0.01)
 
     def _busy(self) -> bool:
         return bool(self._lines) or self._writing or self.dropped != self._reported
@@ -84,7 +85,11 @@ class BackgroundStreamHandler(logging.Handler):
             self._write(self._lines.popleft())
         dropped = self.dropped
         if dropped != self._reported:
-            self._write(f"speed-gevent: {dropped - self._reported} log lines dropped: stderr was not read\n")
+            note = logging.LogRecord(
+                "speed_gevent.log", logging.WARNING, __file__, 0,
+                "%d log lines dropped: stderr was not read", (dropped - self._reported,), None,
+            )  # fmt: skip
+            self._write(self.format(note) + "\n")  # in the stream's own format (JSON lines too)
             self._reported = dropped
 
     def _write(self, text: str) -> None:

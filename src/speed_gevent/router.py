@@ -975,6 +975,8 @@ class Router:
             running = worker.running
             if running is None or running.warned or running.delivery.received_at + age > now:
                 continue
+            if worker.kill_reason is not None or running.delivery.generation != self.generation:
+                continue  # being killed anyway, or its channel is gone and the broker has it back
             running.warned = True
             delivery = running.delivery
             logger.warning(
@@ -1057,10 +1059,10 @@ class Router:
         timeout, age = self.settings.timeout, self._cache_age_limit()
         for worker in self._workers.values():
             running = worker.running
-            if running is not None and running.started_at is not None:
-                if timeout and worker.kill_reason is None:
+            if running is not None and running.started_at is not None and worker.kill_reason is None:
+                if timeout:
                     times.append(running.started_at + timeout)
-                if not running.warned:
+                if not running.warned and running.delivery.generation == self.generation:
                     times.append(running.delivery.received_at + age)
             if len(worker.held) > 1 and worker.kill_reason is None:
                 limit = age if worker.state is WorkerState.BUSY else self._window_age_limit()

@@ -29,14 +29,23 @@ SIGNAL_INTENTS: dict[int, Intent] = {
 }
 
 
+#: Signals raised by a fault in the process itself: a callback that returns would make
+#: the faulting instruction run again, forever.
+FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL})
+
+
 def uncatchable(signum: int) -> str | None:
     """Why the master cannot run a callback on `signum` (None: it can)."""
+    if signum not in signal.valid_signals():
+        return f"{signum!r} is not a signal"
     try:
         name = signal.Signals(signum).name
-    except ValueError:
-        return f"{signum!r} is not a signal"
+    except ValueError:  # a real-time signal: no name, still catchable
+        return None
     if signum in (signal.SIGKILL, signal.SIGSTOP):
         return f"{name} cannot be caught"
     if signum == signal.SIGCHLD:
         return "SIGCHLD belongs to gevent's child watcher, which reaps the fork server"
+    if signum in FAULTS:
+        return f"{name} reports a fault in the master itself; a callback cannot resume from it"
     return None

@@ -16,7 +16,7 @@ import logging
 import re
 from typing import Any
 
-from amqp.exceptions import NotFound, PreconditionFailed
+from amqp.exceptions import AccessRefused, NotAllowed, NotFound, PreconditionFailed, ResourceLocked
 
 from .errors import ConfigError, QueueMissingError
 from .policy import dead_letter_queue
@@ -27,6 +27,14 @@ logger = logging.getLogger(__name__)
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<name>[^']+)'.*?: received (?P<ours>.*) but current is (?P<theirs>.*)$"
 )
+
+
+class QueueConflict(ConfigError):
+    """A declare refused because the queue exists with other arguments."""
+
+    def __init__(self, queue: str, differs: str) -> None:
+        super().__init__(f"queue {queue!r} exists with other arguments than ours: {differs}")
+        self.differs = differs
 
 
 def queue_arguments(queue_type: str) -> dict[str, Any] | None:
@@ -52,13 +60,25 @@ def ensure_queues(
         if not queue_exists(connection, queue):
             if passive:
                 raise QueueMissingError(f"--queue: queue {queue!r} does not exist (--passive)")
-            declare_queue(connection, queue, queue_type)
+            _declare_missing(connection, queue, queue_type)
         dead = dead_letter_queue(queue)
         if dead_letters and not queue_exists(connection, dead):
-            declare_queue(connection, dead, queue_type)
+            _declare_missing(connection, dead, queue_type)
+
+
+def _declare_missing(connection: Any, queue: str, queue_type: str) -> None:
+    """Declare a queue that was missing when we looked; one that appeared meanwhile with
+    arguments of its own (another instance, another application) is taken as it is."""
+    try:
+        declare_queue(connection, queue, queue_type)
+    except QueueConflict as exc:
+        if not queue_exists(connection, queue):
+            raise
+        logger.info("queue %r appeared meanwhile (%s); consuming it as it is", queue, exc.differs)
 
 
 def queue_exists(connection: Any, queue: str) -> bool:
+    """A passive declare, on a channel of its own: a missing queue closes that channel."""
     channel = connection.channel()
     try:
         channel.queue_declare(queue=queue, passive=True)
@@ -70,8 +90,8 @@ def queue_exists(connection: Any, queue: str) -> bool:
 
 
 def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
-    """Declare one durable queue; a conflict (it appeared meanwhile with other arguments)
-    names the argument that differs."""
+    """Declare one durable queue. A conflict names the argument that differs; a refusal
+    (no configure permission, say) is a configuration error, not an outage to retry."""
     channel = connection.channel()
     try:
         channel.queue_declare(
@@ -79,8 +99,11 @@ def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
         )
         logger.info("declared queue %r (%s)", queue, queue_type)
     except PreconditionFailed as exc:
+        raise QueueConflict(queue, differing_argument(exc.reply_text)) from None
+    except (AccessRefused, NotAllowed, ResourceLocked) as exc:
         raise ConfigError(
-            f"queue {queue!r} exists with other arguments than ours: {differing_argument(exc.reply_text)}"
+            f"cannot declare queue {queue!r}: {exc.reply_text} (declare it beforehand, or give "
+            "this user configure permission on it)"
         ) from None
     finally:
         _close(channel)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import uuid
 
 import pytest
 from amqp import Message
@@ -15,6 +16,7 @@ from speed_gevent.errors import ConfigError
 from speed_gevent.topology import declare_queue, ensure_queues
 from tests.conftest import BROKER
 from tests.helpers import handled_ids, ids_in
+from tests.process.test_cli_errors import run
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,3 +87,25 @@ def test_a_declare_that_really_conflicts_names_the_argument(queue_names):
     with Connection(BROKER) as conn, pytest.raises(ConfigError) as raised:
         declare_queue(conn.connection, queue, "classic")
     assert "x-max-priority: the queue has the value '10'" in str(raised.value), raised.value
+
+
+def test_no_configure_permission_for_our_dead_letter_queue_is_one_clear_line(queue_names):
+    """A user who may read and write but not declare, and a `.dead` queue nobody made:
+    exit 2 naming the queue and the permission, not a traceback or endless retries."""
+    queue = queue_names()
+    declare_theirs(queue, {})
+    user, password = f"sg-noconf-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    subprocess.run(["rabbitmqctl", "add_user", user, password], capture_output=True, timeout=30, check=True)
+    try:
+        subprocess.run(["rabbitmqctl", "set_permissions", "-p", "/", user, "^$", ".*", ".*"],
+                       capture_output=True, timeout=30, check=True)  # fmt: skip
+        result = run("run", "tests.apps.recorder:handle", "-q", queue, "--passive",
+                     env={"SPEED_GEVENT_BROKER": f"amqp://{user}:{password}@localhost:5672//"})  # fmt: skip
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=30, check=True)
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"cannot declare queue {queue + '.dead'!r}" in result.stderr
+        and "configure permission" in result.stderr
+    )
+    assert "Traceback" not in result.stderr

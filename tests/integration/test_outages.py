@@ -202,7 +202,8 @@ def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, 
     paused_at = time.monotonic()
     wait_until(lambda: "lost the connection" in runner.output(), 20, message="missed heartbeats noticed")
     noticed = time.monotonic() - paused_at
-    assert noticed < 2 * 2 + 3, f"noticed after {noticed:.1f}s: about two heartbeat intervals"
+    # py-amqp gives up after 2.5 intervals, checked on our 1 s tick: about 7 s at worst
+    assert noticed < 2 * 2 + 5, f"noticed after {noticed:.1f}s: about two heartbeat intervals"
     wait_until(lambda: "cannot reach the broker" in runner.output(), 30,
                message="a reconnect into the silence: its handshake is bounded")  # fmt: skip
     proxy.resume()
@@ -232,9 +233,9 @@ def short_consumer_timeout() -> Iterator[float]:
     broker reads both when a channel opens, which is why setting them under a running
     channel seemed to do nothing). The defaults come back afterwards, whatever happens."""
     saved = {key: rabbit_env(key) for key in ("consumer_timeout", "channel_tick_interval")}
-    rabbit_env("consumer_timeout", "4000")
-    rabbit_env("channel_tick_interval", "500")
     try:
+        rabbit_env("consumer_timeout", "4000")  # each one inside the try: restored even if the next fails
+        rabbit_env("channel_tick_interval", "500")
         yield 4.0
     finally:
         for key, value in saved.items():  # "{ok,1800000}", or "undefined"

@@ -300,10 +300,12 @@ def test_a_user_signal_handler_that_stops_an_idle_worker_wakes_it_at_once():
 def test_a_fork_server_whose_master_is_already_gone_exits_at_once():
     """Its parent is not the master it was started for (the master died and it was
     re-parented before it could ask for the parent-death signal): it leaves."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that is nobody's parent now
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     proc = subprocess.Popen(
         [sys.executable, "-m", "speed_gevent.forkserver", "--fd", str(theirs.fileno()),
-         "--target", "tests.apps.recorder:handle", "--master-pid", "1"],
+         "--target", "tests.apps.recorder:handle", "--master-pid", str(gone.pid)],
         pass_fds=(theirs.fileno(),), cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     theirs.close()

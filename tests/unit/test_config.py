@@ -48,6 +48,7 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path):
         ({"queue": ["a"], "heartbeat": "soon"}, {}, r"--heartbeat: expected a duration"),
         ({"queue": ["a"], "heartbeat": "0.5s"}, {}, r"--heartbeat: expected whole seconds"),
         ({"queue": ["a"], "heartbeat": "1500ms"}, {}, r"--heartbeat: expected whole seconds"),
+        ({"queue": ["a"], "heartbeat": "70000s"}, {}, r"--heartbeat: expected whole seconds up to 65535"),
         ({"queue": ["a"], "graceful-timeout": "-1s"}, {}, r"--graceful-timeout"),
         ({}, {}, r"--queue: at least one queue is required"),
         ({"queue": [""]}, {}, r"--queue: queue name must not be empty"),
@@ -133,6 +134,8 @@ def test_prefetch_split_adds_up(total, queues, parts):
     (signal.SIGSTOP, "SIGSTOP cannot be caught"),
     (signal.SIGCHLD, "SIGCHLD belongs to gevent's child watcher"),
     (999, "999 is not a signal"),
+    (signal.SIGSEGV, "a fault in the master itself"),
+    (signal.SIGRTMIN + 2, None),
     (signal.SIGUSR2, None),
     (signal.SIGWINCH, None),
 ])  # fmt: skip
