@@ -489,7 +489,7 @@ def main() -> int:
     rows = throughput_rows(names, reps, 2000 if quick else args.count)
     rows += [""] + efficiency_rows([*peers, "speed-gevent"], reps, 400 if quick else 8000,
                                    (2, 8) if quick else (2, 4, 8))  # fmt: skip
-    rows += [""] + latency_rows(1 if quick else 3, 200 if quick else 2000)
+    rows += [""] + latency_rows(1 if quick else 5, 200 if quick else 2000)
     rows += [""] + memory_rows(2 if quick else 8)
     print()
     print(
