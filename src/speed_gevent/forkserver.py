@@ -27,7 +27,7 @@ import sys
 
 from .errors import TargetError, WorkerExit
 from .logsetup import setup_logging
-from .osproc import die_with_parent, set_title
+from .osproc import die_with_parent, release_free_memory, set_title
 from .protocol import (
     BootErrorFrame,
     ExitedFrame,
@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     # shared page holding an object header.
     gc.collect()
     gc.freeze()
+    release_free_memory()  # fewer pages for every worker to share
     return ForkServer(ctrl, app, args.name, args.master_pid).serve()
 
 

@@ -38,7 +38,7 @@ from .delivery import Delivery
 from .errors import BrokerError, ConfigError, ExitCode, FatalError, QueueMissingError
 from .forkclient import ForkClient
 from .links import WorkerLinks
-from .osproc import sample_memory, set_title
+from .osproc import release_free_memory, sample_memory, set_title
 from .patrol import SpawnGuard
 from .policy import failure_from_result
 from .protocol import OkFrame, ResultFrame
@@ -207,6 +207,7 @@ class Master:
         # full collection (7 ms over the imports' objects here) no longer stalls messages.
         gc.collect()
         gc.freeze()
+        release_free_memory()
         logger.info(
             "master %s (pid %s) consuming %s from %s with %d-%d workers, prefetch %s",
             settings.name,
