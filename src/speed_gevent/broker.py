@@ -263,10 +263,13 @@ class BrokerSession:
         self._cancelled.append(queue)
         self._wake.set()
 
-    def _consume(self, prefetch: dict[str, int]) -> None:
+    def _consume(self, prefetch: dict[str, int], again: bool) -> None:
         try:
             self.start_consuming(prefetch)
         except ChannelError as exc:  # an exclusive consumer elsewhere, a queue deleted meanwhile
+            if again:  # after a pause: the queue may have been deleted meanwhile, unseen
+                raise ConnectionLost(f"cannot consume again from {', '.join(prefetch)}: {exc}",
+                                     channel_only=True) from None  # fmt: skip
             raise BrokerError(f"cannot consume from {', '.join(prefetch)}: {exc}") from None
 
     def _on_message(self, generation: int, msg: AmqpMessage) -> None:
@@ -324,10 +327,10 @@ class BrokerSession:
         """Publish to the default exchange, mandatory; `on_confirm(ok, why)` runs once confirmed."""
         self._put(("publish", routing_key, body, properties, on_confirm))
 
-    def consume(self, prefetch: dict[str, int], on_done: Callable[[], None]) -> None:
+    def consume(self, prefetch: dict[str, int], on_done: Callable[[], None], again: bool = False) -> None:
         """Start consuming from the consumer greenlet (which already services heartbeats
         while the floor boots); `on_done()` runs there once every consume-ok is in."""
-        self._put(("consume", prefetch, on_done))
+        self._put(("consume", prefetch, on_done, again))
 
     def cancel(self, on_done: Callable[[], None]) -> None:
         """Stop consuming every queue (basic.cancel); cached deliveries stay ours to settle."""
@@ -503,7 +506,7 @@ class BrokerSession:
             elif op[0] == "publish":
                 self._publish(*op[1:])
             elif op[0] == "consume":
-                self._consume(op[1])
+                self._consume(op[1], op[3])
                 op[2]()
             elif op[0] == "cancel":
                 for tag in list(self._queue_of):

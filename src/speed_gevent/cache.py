@@ -68,6 +68,7 @@ class Unsettled:
     def __init__(self) -> None:
         self._by_id: dict[int, Delivery] = {}
         self.bytes = 0
+        self._bytes_by_generation: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -82,6 +83,8 @@ class Unsettled:
         self.pop(delivery.id)
         self._by_id[delivery.id] = delivery
         self.bytes += len(delivery.body)
+        by_generation = self._bytes_by_generation
+        by_generation[delivery.generation] = by_generation.get(delivery.generation, 0) + len(delivery.body)
 
     def get(self, delivery_id: int) -> Delivery | None:
         return self._by_id.get(delivery_id)
@@ -90,7 +93,16 @@ class Unsettled:
         delivery = self._by_id.pop(delivery_id, None)
         if delivery is not None:
             self.bytes -= len(delivery.body)
+            left = self._bytes_by_generation.get(delivery.generation, 0) - len(delivery.body)
+            if left > 0:
+                self._bytes_by_generation[delivery.generation] = left
+            else:  # empty bodies count nothing: their generation may have no entry
+                self._bytes_by_generation.pop(delivery.generation, None)
         return delivery
+
+    def bytes_of(self, generation: int) -> int:
+        """Body bytes of one channel generation (an old one's are back at the broker)."""
+        return self._bytes_by_generation.get(generation, 0)
 
     def values(self) -> Iterator[Delivery]:
         return iter(self._by_id.values())

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args)
         earlystop.release()
-        if earlystop.received():
-            return _fail(ExitCode.INTERRUPTED, "interrupted before anything was published")
+        if earlystop.received():  # 128 + the signal, as if it had not been caught
+            return _fail(128 + earlystop.received()[0], "interrupted before anything was published")
         return _publish(args)
     except (ConfigError, TargetError, QueueMissingError) as exc:
         return _fail(ExitCode.USAGE, str(exc))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(ExitCode.INTERRUPTED, "interrupted; what was confirmed so far stays published")
 
 
-def _fail(code: ExitCode, message: str) -> int:
+def _fail(code: int, message: str) -> int:
     broker = os.environ.get(ENV_PREFIX + "BROKER", "")
     print(f"speed-gevent: error: {mask_secrets(message, broker) if broker else message}", file=sys.stderr)
     return code

@@ -89,7 +89,11 @@ class BackgroundStreamHandler(logging.Handler):
                 "speed_gevent.log", logging.WARNING, __file__, 0,
                 "%d log lines dropped: stderr was not read", (dropped - self._reported,), None,
             )  # fmt: skip
-            self._write(self.format(note) + "\n")  # in the stream's own format (JSON lines too)
+            try:
+                text = self.format(note)  # in the stream's own format (JSON lines too)
+            except Exception:  # a formatter that fails here must not end this thread
+                text = note.getMessage()
+            self._write(text + "\n")
             self._reported = dropped
 
     def _write(self, text: str) -> None:

@@ -290,7 +290,7 @@ class Master:
         elif isinstance(action, act.CancelConsumers | act.PauseConsuming):
             self._session.cancel(lambda: None)
         elif isinstance(action, act.ResumeConsuming):
-            self._session.consume(self.settings.prefetch_per_queue(), lambda: None)
+            self._session.consume(self.settings.prefetch_per_queue(), lambda: None, again=True)
         elif isinstance(action, act.WorkerExited):
             self._intents.put(_Call(self._fire, ("worker_exit", action.pid, action.reason), "worker_exit"))
         elif isinstance(action, act.Drained):

@@ -156,6 +156,7 @@ class Router:
         self._open = Unsettled()  # received and not settled yet, by delivery id
         self._paused = False  # consumers cancelled while the open bodies exceed the byte bound
         self._pauses = 0
+        self._resumed = False
         self._republishing: dict[int, _Republish] = {}
         self._next_publish = 0
         self._tracker = AckTracker()
@@ -612,7 +613,7 @@ class Router:
         bound = self.settings.max_cache_bytes
         if not bound or self.phase is not Phase.RUNNING or not self._consuming:
             return
-        held = self._open.bytes
+        held = self._open.bytes_of(self.generation)  # an old channel's are the broker's again
         if not self._paused and held > bound:
             self._paused = True
             self._pauses += 1
@@ -624,6 +625,7 @@ class Router:
             self._out.append(PauseConsuming())
         elif self._paused and held <= bound // 2:
             self._paused = False
+            self._resumed = True  # the idle clock starts again at the next tick
             logger.debug("holding %d bytes of messages: consuming again", held)
             self._out.append(ResumeConsuming())
 
@@ -1029,7 +1031,11 @@ class Router:
 
     def _check_idle_exit(self, now: float) -> None:
         limit = self.settings.exit_when_idle
-        if not limit or not self._consuming:
+        if not limit or not self._consuming or self._paused:
+            return  # paused: nothing arrives because we asked, not because the queue is empty
+        if self._resumed:
+            self._resumed = False
+            self._last_delivery_at = now
             return
         quiet = now - self._last_delivery_at
         if quiet >= limit and not self._cache and not self.busy() and not self._republishing:

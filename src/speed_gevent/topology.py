@@ -100,7 +100,11 @@ def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
         logger.info("declared queue %r (%s)", queue, queue_type)
     except PreconditionFailed as exc:
         raise QueueConflict(queue, differing_argument(exc.reply_text)) from None
-    except (AccessRefused, NotAllowed, ResourceLocked) as exc:
+    except ResourceLocked as exc:
+        raise ConfigError(
+            f"cannot declare queue {queue!r}: {exc.reply_text} (exclusive to another connection)"
+        ) from None
+    except (AccessRefused, NotAllowed) as exc:
         raise ConfigError(
             f"cannot declare queue {queue!r}: {exc.reply_text} (declare it beforehand, or give "
             "this user configure permission on it)"

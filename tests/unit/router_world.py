@@ -147,8 +147,9 @@ class World:
             if not self.paused:
                 raise Violation("consuming resumed while not paused")
             bound = self.settings.max_cache_bytes or 0
-            if self.router._open.bytes > bound // 2:
-                raise Violation(f"resumed holding {self.router._open.bytes} bytes, above half of {bound}")
+            held = self.router._open.bytes_of(self.router.generation)
+            if held > bound // 2:
+                raise Violation(f"resumed holding {held} bytes, above half of {bound}")
             self.paused = False
 
     def _check_send(self, action: act.SendMessage) -> None:

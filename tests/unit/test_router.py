@@ -644,3 +644,21 @@ def test_a_lost_channel_ends_a_pause_the_recovery_consumes_anew():
     assert not w.router._paused and not w.paused
     w.arrive(body=b"y" * 10)
     assert not w.paused
+
+
+def test_a_pause_neither_starts_the_idle_stop_nor_counts_an_old_channels_bytes():
+    w = world(min_workers=1, max_workers=1, max_cache=8, max_cache_bytes=100, exit_when_idle=2.0)
+    for _ in range(3):
+        w.arrive(body=b"x" * 60)
+    assert w.paused
+    w.advance(5.0)  # nothing arrives while paused: that is not an idle queue
+    assert w.router.phase is Phase.RUNNING
+    for _ in range(3):
+        w.finish(1)
+    assert not w.paused
+    w.advance(1.5)  # the idle clock restarted at the resume, not at the last arrival
+    assert w.router.phase is Phase.RUNNING
+    w.arrive(body=b"y" * 90)
+    w.lose_channel()  # its 90 bytes are the broker's again; the new channel starts at zero
+    w.arrive(body=b"z" * 60)
+    assert not w.paused

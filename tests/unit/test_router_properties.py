@@ -206,8 +206,10 @@ class RouterMachine(RuleBasedStateMachine):
         running master over the bound has paused consuming."""
         world, router = self.world, self.world.router
         assert router._open.bytes == sum(len(d.body) for d in router._open.values())
+        current = router._open.bytes_of(router.generation)
+        assert current == sum(len(d.body) for d in router._open.values() if d.generation == router.generation)
         bound = world.settings.max_cache_bytes
-        if bound and router.phase is Phase.RUNNING and router._consuming and router._open.bytes > bound:
+        if bound and router.phase is Phase.RUNNING and router._consuming and current > bound:
             assert world.paused
 
     @invariant()
