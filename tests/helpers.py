@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +46,35 @@ def ready_count(queue: str) -> int:
         return channel.queue_declare(queue, passive=True).message_count
 
 
+def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl` (the broker's own view) and return its output."""
+    return subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+
+
+def queue_info(column: str) -> dict[str, str]:
+    """One column of `rabbitmqctl list_queues`, by queue name, as text."""
+    out = rabbitmqctl("list_queues", "-q", "--no-table-headers", "name", column)
+    return {parts[0]: parts[1] for parts in (line.split() for line in out.splitlines()) if len(parts) == 2}
+
+
 def queue_column(column: str) -> dict[str, int]:
     """One numeric column of `rabbitmqctl list_queues`, by queue name."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", column],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    counts = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
-    return counts
+    return {name: int(value) for name, value in queue_info(column).items() if value.isdigit()}
+
+
+@contextmanager
+def broker_user(configure: str = ".*") -> Iterator[tuple[str, str]]:
+    """(name, password) of a RabbitMQ user made for one test, with read and write on
+    everything and `configure` as given; deleted afterwards."""
+    user, password = f"sg-test-{uuid.uuid4().hex[:6]}", f"canary{uuid.uuid4().hex}"
+    rabbitmqctl("add_user", user, password)
+    try:
+        rabbitmqctl("set_permissions", "-p", "/", user, configure, ".*", ".*")
+        yield user, password
+    finally:
+        rabbitmqctl("delete_user", user)
 
 
 def unacked_counts() -> dict[str, int]:

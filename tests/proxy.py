@@ -7,7 +7,6 @@ from __future__ import annotations
 import selectors
 import socket
 import threading
-import time
 
 
 class PausableProxy:
@@ -15,17 +14,18 @@ class PausableProxy:
         self._target = target
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
-        self._paused = threading.Event()
+        self._flowing = threading.Event()  # cleared while paused
+        self._flowing.set()
         self._closed = threading.Event()
         self._peers: dict[socket.socket, socket.socket] = {}
         self._thread = threading.Thread(target=self._serve, name="proxy", daemon=True)
         self._thread.start()
 
     def pause(self) -> None:
-        self._paused.set()
+        self._flowing.clear()
 
     def resume(self) -> None:
-        self._paused.clear()
+        self._flowing.set()
 
     def close(self) -> None:
         self._closed.set()
@@ -37,8 +37,7 @@ class PausableProxy:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
         while not self._closed.is_set():
-            if self._paused.is_set():
-                time.sleep(0.02)
+            if not self._flowing.wait(0.05):  # paused: hold every byte until resumed or closed
                 continue
             for key, _ in selector.select(0.05):
                 sock = key.fileobj

@@ -7,6 +7,7 @@ cost megabytes in the one process that lives as long as the service.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from amqp import Connection
 from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
@@ -46,3 +47,14 @@ def drop_connection(conn: Connection) -> None:
         conn.collect()
     except Exception as exc:  # half-open or gone; nothing of ours is left on it
         logger.debug("dropping a connection: %s", exc)
+
+
+def close_channel(channel: Any) -> None:
+    """Close a channel for good (py-amqp reopens one the broker closed); a broken
+    connection is heard of by the next call that needs it."""
+    if channel is None:
+        return
+    try:
+        channel.close()
+    except Exception as exc:
+        logger.debug("closing a channel: %s", exc)

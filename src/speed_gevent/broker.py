@@ -38,7 +38,7 @@ from amqp.serialization import decode_properties_basic
 from amqp.transport import TCPTransport
 
 from .actions import Ack
-from .amqpconn import drop_connection, open_connection
+from .amqpconn import close_channel, drop_connection, open_connection
 from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, split_frames, take_delivery
 from .delivery import Delivery
 from .errors import BrokerError
@@ -168,7 +168,7 @@ class BrokerSession:
         self.forget_channel()
         if lost.channel_only and self._conn is not None and self._conn.connected:
             try:
-                self._close_quietly(self._channel)
+                close_channel(self._channel)
                 self.generation += 1
                 self._channel = self._open_channel()
                 self.connected = True
@@ -218,15 +218,6 @@ class BrokerSession:
         self._confirms.clear()
         self._returned.clear()
         self._queue_of.clear()
-
-    @staticmethod
-    def _close_quietly(channel: Any) -> None:
-        if channel is None:
-            return
-        try:
-            channel.close()
-        except Exception as exc:
-            logger.debug("closing the broken channel: %s", exc)
 
     def _open_channel(self) -> Any:
         assert self._conn is not None

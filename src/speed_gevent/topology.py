@@ -18,6 +18,7 @@ from typing import Any
 
 from amqp.exceptions import AccessRefused, NotAllowed, NotFound, PreconditionFailed, ResourceLocked
 
+from .amqpconn import close_channel
 from .errors import ConfigError, QueueMissingError
 from .policy import dead_letter_queue
 
@@ -86,7 +87,7 @@ def queue_exists(connection: Any, queue: str) -> bool:
     except NotFound:
         return False
     finally:
-        _close(channel)
+        close_channel(channel)
 
 
 def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
@@ -110,12 +111,4 @@ def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
             "this user configure permission on it)"
         ) from None
     finally:
-        _close(channel)
-
-
-def _close(channel: Any) -> None:
-    """py-amqp reopens a channel the broker closed; close it for good either way."""
-    try:
-        channel.close()
-    except Exception as exc:  # the connection broke: the caller hears of it next
-        logger.debug("closing a declare channel: %s", exc)
+        close_channel(channel)

@@ -5,8 +5,6 @@ declare that really conflicts names the argument that differs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import uuid
 
 import pytest
 from amqp import Message
@@ -15,7 +13,7 @@ from kombu import Connection
 from speed_gevent.errors import ConfigError
 from speed_gevent.topology import declare_queue, ensure_queues
 from tests.conftest import BROKER
-from tests.helpers import handled_ids, ids_in
+from tests.helpers import broker_user, handled_ids, ids_in, queue_info
 from tests.process.test_cli_errors import run
 
 pytestmark = pytest.mark.timeout(90)
@@ -48,12 +46,6 @@ def publish_theirs(queue: str, ids: list[int]) -> None:
             )
 
 
-def queue_types(names: list[str]) -> dict[str, str]:
-    out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "name", "type"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout  # fmt: skip
-    return dict(line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names)
-
-
 @pytest.mark.parametrize("passive", [False, True], ids=["declaring", "passive"])
 @pytest.mark.parametrize("kind", list(THEIR_ARGUMENTS))
 def test_a_queue_declared_elsewhere_is_consumed_as_it_is(run_recorder, queue_names, tmp_path, kind, passive):
@@ -78,7 +70,8 @@ def test_a_quorum_queue_stays_quorum_and_our_dead_letter_queue_takes_the_queue_t
     declare_theirs(queue, {"x-queue-type": "quorum"})
     with Connection(BROKER) as conn:
         ensure_queues(conn.connection, (queue,), "classic", passive=True)
-    assert queue_types([queue, queue + ".dead"]) == {queue: "quorum", queue + ".dead": "classic"}
+    types = queue_info("type")
+    assert (types[queue], types[queue + ".dead"]) == ("quorum", "classic")
 
 
 def test_a_declare_that_really_conflicts_names_the_argument(queue_names):
@@ -94,15 +87,9 @@ def test_no_configure_permission_for_our_dead_letter_queue_is_one_clear_line(que
     exit 2 naming the queue and the permission, not a traceback or endless retries."""
     queue = queue_names()
     declare_theirs(queue, {})
-    user, password = f"sg-noconf-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
-    subprocess.run(["rabbitmqctl", "add_user", user, password], capture_output=True, timeout=30, check=True)
-    try:
-        subprocess.run(["rabbitmqctl", "set_permissions", "-p", "/", user, "^$", ".*", ".*"],
-                       capture_output=True, timeout=30, check=True)  # fmt: skip
+    with broker_user(configure="^$") as (user, password):
         result = run("run", "tests.apps.recorder:handle", "-q", queue, "--passive",
                      env={"SPEED_GEVENT_BROKER": f"amqp://{user}:{password}@localhost:5672//"})  # fmt: skip
-    finally:
-        subprocess.run(["rabbitmqctl", "delete_user", user], capture_output=True, timeout=30, check=True)
     assert result.returncode == 2, result.stderr
     assert (
         f"cannot declare queue {queue + '.dead'!r}" in result.stderr

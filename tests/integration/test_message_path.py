@@ -43,7 +43,7 @@ def test_a_trickle_lets_the_pool_shrink_back(run_recorder, queue_names, tmp_path
         publish_ids(queue, [next_id], extra={next_id: {"sleep": 0.01}})
         published.append(next_id)
         next_id += 1
-        time.sleep(0.2)
+        time.sleep(0.2)  # the trickle's own pace, not a wait for a condition
         sizes.append(len(worker_titles(runner.pid)))
         if shrunk_at is None and sizes[-1] <= 2:
             shrunk_at = time.monotonic() - started

@@ -27,6 +27,7 @@ from tests.helpers import (
     ids_in,
     publish_ids,
     publish_load,
+    rabbitmqctl,
     read_records,
     worker_pids,
 )
@@ -220,11 +221,8 @@ def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, 
 
 def rabbit_env(key: str, value: str | None = None) -> str:
     """Read (or set) one of the broker's `rabbit` application settings at run time."""
-    expr = (
-        f"application:set_env(rabbit, {key}, {value})." if value else f"application:get_env(rabbit, {key})."
-    )
-    return subprocess.run(["rabbitmqctl", "eval", expr], capture_output=True, text=True, timeout=30,
-                          check=True).stdout.strip()  # fmt: skip
+    call = f"set_env(rabbit, {key}, {value})" if value else f"get_env(rabbit, {key})"
+    return rabbitmqctl("eval", f"application:{call}.").strip()
 
 
 @pytest.fixture
@@ -242,8 +240,7 @@ def short_consumer_timeout() -> Iterator[float]:
             if value.startswith("{ok,"):
                 rabbit_env(key, value[4:-1])
             else:
-                subprocess.run(["rabbitmqctl", "eval", f"application:unset_env(rabbit, {key})."],
-                               capture_output=True, timeout=30, check=True)  # fmt: skip
+                rabbitmqctl("eval", f"application:unset_env(rabbit, {key}).")
 
 
 def test_a_handler_past_the_consumer_timeout_is_named_then_redelivered(

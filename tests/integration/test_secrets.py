@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from tests.conftest import ROOT, wait_until
 from tests.helpers import (
     broker_connection_of,
+    broker_user,
     close_broker_connection,
     consumer_count,
     handled_ids,
@@ -26,20 +26,11 @@ from tests.helpers import (
 pytestmark = pytest.mark.timeout(120)
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], capture_output=True, timeout=30, check=True)
-
-
 @pytest.fixture
 def canary() -> Iterator[tuple[str, str]]:
     """(broker URL, password) of a user made for this test alone."""
-    user, password = f"sg-canary-{uuid.uuid4().hex[:6]}", f"canary{uuid.uuid4().hex}"
-    rabbitmqctl("add_user", user, password)
-    try:
-        rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    with broker_user() as (user, password):
         yield f"amqp://{user}:{password}@localhost:5672//", password
-    finally:
-        rabbitmqctl("delete_user", user)
 
 
 def test_the_broker_password_shows_nowhere(run_recorder, queue_names, tmp_path, canary):
