@@ -57,6 +57,17 @@ class ForkServer:
         os.set_blocking(self._wake_w, False)
 
     def serve(self) -> int:
+        """Fork on request until the master closes its end or dies.
+
+        A master that closes with our last report still unread resets the socket instead
+        of a plain EOF (and a write after its close breaks the pipe): both only mean it is
+        done with us."""
+        try:
+            return self._serve()
+        except ConnectionError:
+            return WorkerExit.OK
+
+    def _serve(self) -> int:
         signal.set_wakeup_fd(self._wake_w)
         # A Python-level handler is needed for the wakeup fd to be written on SIGCHLD.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
