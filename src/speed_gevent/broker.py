@@ -59,6 +59,11 @@ READ_SIZE = 256 * 1024
 READS_PER_DRAIN = 4
 #: Seconds between heartbeat checks (py-amqp asks for about one a second).
 HEARTBEAT_TICK = 1.0
+#: Heartbeat intervals of silence after which a synchronous method (channel open,
+#: declare, qos, consume, cancel) counts as unanswered, as py-amqp judges heartbeats.
+ANSWER_INTERVALS = 2.5
+#: Seconds a synchronous method may wait for its answer with heartbeats off.
+ANSWER_TIMEOUT_NO_HEARTBEAT = 60.0
 #: Header carrying our confirm sequence number, to match basic.return to its publish.
 PUBLISH_SEQ_HEADER = "x-speed-publish-seq"
 
@@ -116,7 +121,8 @@ class BrokerSession:
         self._conn = conn
         self.generation += 1
         try:
-            self._channel = self._open_channel()
+            with self._answered("channel.open"):
+                self._channel = self._open_channel()
         except BaseException:
             drop_connection(conn)  # never left open behind a retry
             self._conn = None
@@ -168,9 +174,10 @@ class BrokerSession:
         self.forget_channel()
         if lost.channel_only and self._conn is not None and self._conn.connected:
             try:
-                close_channel(self._channel)
-                self.generation += 1
-                self._channel = self._open_channel()
+                with self._answered("channel.open"):
+                    close_channel(self._channel)
+                    self.generation += 1
+                    self._channel = self._open_channel()
                 self.connected = True
                 return True
             except Exception as exc:  # the connection went too: connect again
@@ -195,7 +202,24 @@ class BrokerSession:
             self.declare(queues, queue_type, passive)
             on_channel()
             if prefetch:
-                self.start_consuming(prefetch)
+                with self._answered("basic.consume"):
+                    self.start_consuming(prefetch)
+
+    @contextmanager
+    def _answered(self, what: str) -> Iterator[None]:
+        """py-amqp waits for a synchronous answer with no deadline and checks no heartbeat
+        meanwhile: on a connection gone silent the consumer greenlet would wait for good.
+        Silence as long as heartbeats would tolerate means the connection is lost."""
+        beat = getattr(self._conn, "heartbeat", 0) or 0  # as negotiated with the broker
+        seconds = ANSWER_INTERVALS * beat if beat else ANSWER_TIMEOUT_NO_HEARTBEAT
+        deadline = gevent.Timeout(seconds)  # a BaseException: no `except Exception` on the way hides it
+        try:
+            with deadline:
+                yield
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            raise ConnectionLost(f"no answer to {what} within {seconds:g}s") from None
 
     @contextmanager
     def _outage_as_lost(self) -> Iterator[None]:
@@ -232,7 +256,9 @@ class BrokerSession:
 
     def declare(self, queues: tuple[str, ...], queue_type: str, passive: bool) -> None:
         """Look at each queue and declare what is missing, each on a channel of its own."""
-        ensure_queues(self._conn, queues, queue_type, passive)
+        for queue in queues:
+            with self._answered(f"the declare of {queue!r}"):
+                ensure_queues(self._conn, (queue,), queue_type, passive)
 
     def start_consuming(self, prefetch: dict[str, int]) -> None:
         """Per-consumer prefetch (quorum queues refuse global QoS): basic_qos before each consume."""
@@ -256,7 +282,8 @@ class BrokerSession:
 
     def _consume(self, prefetch: dict[str, int], again: bool) -> None:
         try:
-            self.start_consuming(prefetch)
+            with self._answered("basic.consume"):
+                self.start_consuming(prefetch)
         except ChannelError as exc:  # an exclusive consumer elsewhere, a queue deleted meanwhile
             if again:  # after a pause: the queue may have been deleted meanwhile, unseen
                 raise ConnectionLost(f"cannot consume again from {', '.join(prefetch)}: {exc}",
@@ -500,9 +527,10 @@ class BrokerSession:
                 self._consume(op[1], op[3])
                 op[2]()
             elif op[0] == "cancel":
-                for tag in list(self._queue_of):
-                    self._channel.basic_cancel(tag)  # deliveries before its cancel-ok come first
-                    del self._queue_of[tag]
+                with self._answered("basic.cancel"):
+                    for tag in list(self._queue_of):
+                        self._channel.basic_cancel(tag)  # deliveries before its cancel-ok come first
+                        del self._queue_of[tag]
                 op[1]()
         if self._aborting:
             return

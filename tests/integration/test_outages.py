@@ -187,20 +187,25 @@ def proxy() -> Iterator[PausableProxy]:
     silent.close()
 
 
-def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, queue_names, tmp_path, proxy):
-    """Packets dropped, no FIN: missed heartbeats end the connection within about two
-    intervals; the master reconnects once the path is back, keeps its workers, and
-    consumes again. Handlers that run longer than the interval keep heartbeats flowing."""
-    queue = queue_names()
-    publish_ids(queue, list(range(1, 11)), extra={i: {"sleep": 0.5} for i in range(1, 11)})
-    record = tmp_path / "rec"
+def ten_handled_through(proxy, run_recorder, queue: str, record, extra: dict | None = None):
+    """Two workers at --heartbeat 2s through the proxy, once ten messages are handled.
+    The idle stop (10 s) must come well after any heartbeat verdict (at most ~6 s after a
+    pause): at 5 s the two raced in CI and a graceful stop on the silent link won."""
+    publish_ids(queue, list(range(1, 11)), extra={i: extra for i in range(1, 11)} if extra else None)
     url = f"amqp://guest:guest@127.0.0.1:{proxy.port}//"
     runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", "--heartbeat", "2s",
                           "--exit-when-idle", "10s", record=record,
                           env={"SPEED_GEVENT_BROKER": url})  # fmt: skip
-    # The idle stop must come well after the heartbeat verdict (at most ~6 s after the
-    # pause); at 5 s the two raced and a graceful stop on the silent link won (CI).
     wait_until(lambda: len(handled_ids(record)) >= 10, 30, message="the first ten")
+    return runner
+
+
+def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, queue_names, tmp_path, proxy):
+    """Packets dropped, no FIN: missed heartbeats end the connection within about two
+    intervals; the master reconnects once the path is back, keeps its workers, and
+    consumes again. Handlers that run longer than the interval keep heartbeats flowing."""
+    queue, record = queue_names(), tmp_path / "rec"
+    runner = ten_handled_through(proxy, run_recorder, queue, record, {"sleep": 0.5})
     proxy.pause()
     paused_at = time.monotonic()
     wait_until(lambda: "lost the connection" in runner.output() or runner.proc.poll() is not None, 20,
@@ -221,6 +226,32 @@ def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, 
     assert ids_in(queue) == []
     assert len(worker_pids(record)) == 2, "the workers were kept"
     assert runner.output().count("lost the connection") == 1, "one outage; the long handler lost nothing"
+
+
+BASIC_CONSUME = b"\x00\x3c\x00\x14"  # class 60 (basic), method 20 (consume)
+
+
+def test_a_connection_gone_silent_during_recovery_is_given_up_and_recovered(
+    run_recorder, queue_names, tmp_path, proxy
+):
+    """The link dies, and the new one goes silent right after our basic.consume leaves:
+    py-amqp would wait for its consume-ok for good, checking no heartbeat. The answer is
+    given up after 2.5 intervals like a heartbeat; the master connects again and consumes."""
+    queue, record = queue_names(), tmp_path / "rec"
+    runner = ten_handled_through(proxy, run_recorder, queue, record)
+    proxy.pause_when_client_sends(BASIC_CONSUME)
+    proxy.cut()
+    wait_until(lambda: "no answer to basic.consume" in runner.output() or runner.proc.poll() is not None,
+               20, message="the unanswered consume given up")  # fmt: skip
+    assert "no answer to basic.consume within 5s" in runner.output(), runner.output()[-3000:]
+    proxy.resume()
+    wait_until(lambda: "recovered the connection" in runner.output(), 60, message="the recovery")
+    wait_until(lambda: consumer_count(queue) == 1, 30, message="consuming again")
+    publish_ids(queue, list(range(11, 21)))
+    assert runner.wait(90) == 0, runner.output()[-3000:]
+    assert set(handled_ids(record)) == set(range(1, 21)), runner.output()[-3000:]
+    assert ids_in(queue) == []
+    assert len(worker_pids(record)) == 2, "the workers were kept"
 
 
 def rabbit_env(key: str, value: str | None = None) -> str:
