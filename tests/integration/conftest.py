@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import pytest
 
 
@@ -7,3 +11,37 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.rabbitmq)
+
+
+#: One row per scenario that called `tally`, printed after the run.
+_TALLY: list[tuple[str, int, int, int, int, int, int]] = []
+
+
+@pytest.fixture
+def tally(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """Count a scenario's messages by id for the table at the end of the run: published =
+    handled + dead-lettered + still queued, and handlings beyond one per id (duplicates)."""
+
+    def record(
+        published: Iterable[int], handled: Counter[int], dead: Iterable[int] = (), queued: Iterable[int] = ()
+    ) -> None:
+        ids = set(published)
+        dead_ids, queued_ids = set(dead) & ids, set(queued) & ids
+        done = set(handled) & ids
+        lost = len(ids - done - dead_ids - queued_ids)
+        duplicates = sum(handled.values()) - len(set(handled))
+        name = request.node.name.removeprefix("test_")
+        _TALLY.append((name, len(ids), len(done), len(dead_ids), len(queued_ids), duplicates, lost))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _TALLY:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.write_sep("-", "messages by id, per scenario, this run")
+    row = "{:<68} {:>9} {:>7} {:>4} {:>6} {:>5} {:>4}".format
+    write(row("scenario", "published", "handled", "dead", "queued", "dupl.", "lost"))
+    for name, *counts in _TALLY:
+        write(row(name[:68], *counts))

@@ -36,7 +36,9 @@ from tests.proxy import PausableProxy
 pytestmark = pytest.mark.timeout(240)
 
 
-def test_a_closed_connection_is_recovered_again_and_again_under_load(run_recorder, queue_names, tmp_path):
+def test_a_closed_connection_is_recovered_again_and_again_under_load(
+    run_recorder, queue_names, tmp_path, tally
+):
     queue = queue_names()
     ids = publish_load(queue, 1500, 0.01)  # 7.5 s of work for 2 workers: outages hit mid-run
     record = tmp_path / "rec"
@@ -54,9 +56,10 @@ def test_a_closed_connection_is_recovered_again_and_again_under_load(run_recorde
         wait_until(lambda p=probes: set(p) <= set(handled_ids(record)), 30, message="new messages handled")
         ids += probes
     assert runner.wait(90) == 0, runner.output()[-3000:]
-    handled = handled_ids(record)
+    handled, left = handled_ids(record), ids_in(queue)
+    tally(ids, handled, queued=left)
     assert set(handled) == set(ids), f"lost: {sorted(set(ids) - set(handled))[:20]}"
-    assert ids_in(queue) == []
+    assert left == []
     assert len(worker_pids(record)) == 2, "the workers were kept through every outage"
     duplicates = sum(handled.values()) - len(ids)
     assert duplicates <= 3 * 8, "only what was unacked at a break (prefetch 8) may come twice"
@@ -65,7 +68,7 @@ def test_a_closed_connection_is_recovered_again_and_again_under_load(run_recorde
     assert "guest:guest@" not in output
 
 
-def test_a_channel_the_broker_closes_is_recovered_and_publishes_are_confirmed(queue_names, tmp_path):
+def test_a_channel_the_broker_closes_is_recovered_and_publishes_are_confirmed(queue_names, tmp_path, tally):
     """The broker closes our channel (here: a reject of a tag it never gave us). New
     generation; confirms, QoS and the consumer are issued again: a retry republished
     after the recovery is confirmed, acked and handled."""
@@ -89,14 +92,15 @@ def test_a_channel_the_broker_closes_is_recovered_and_publishes_are_confirmed(qu
         if process.poll() is None:
             process.kill()
             process.wait()
-    handled = handled_ids(record)
+    handled, left, dead = handled_ids(record), ids_in(queue), ids_in(queue + ".dead")
+    tally(range(1, 61), handled, dead, left)
     assert set(handled) == set(range(1, 61)), log.read_text()[-2000:]
     retried = [r for r in read_records(record) if r.get("id") == 55 and "event" not in r]
     assert retried and retried[-1].get("attempt") == 2, retried
-    assert ids_in(queue) == [] and ids_in(queue + ".dead") == []
+    assert left == [] and dead == []
 
 
-def test_a_deleted_queue_is_declared_again_and_consumed(run_recorder, queue_names, tmp_path):
+def test_a_deleted_queue_is_declared_again_and_consumed(run_recorder, queue_names, tmp_path, tally):
     queue = queue_names()
     publish_ids(queue, list(range(1, 11)))
     record = tmp_path / "rec"
@@ -107,8 +111,10 @@ def test_a_deleted_queue_is_declared_again_and_consumed(run_recorder, queue_name
     wait_until(lambda: consumer_count(queue) == 1, 30, message="a consumer on the declared queue")
     publish_ids(queue, list(range(11, 21)))
     assert runner.wait(60) == 0, runner.output()[-3000:]
-    assert set(handled_ids(record)) == set(range(1, 21))
-    assert ids_in(queue) == []
+    handled, left = handled_ids(record), ids_in(queue)
+    tally(range(1, 21), handled, queued=left)
+    assert set(handled) == set(range(1, 21))
+    assert left == []
 
 
 def test_a_deleted_queue_with_passive_stops_with_one_clear_line(run_cli, queue_names, tmp_path):
@@ -134,7 +140,7 @@ def broker_restart() -> Iterator[None]:
 
 
 def test_a_broker_restart_is_waited_out_with_the_same_workers(
-    broker_restart, run_recorder, queue_names, tmp_path
+    broker_restart, run_recorder, queue_names, tmp_path, tally
 ):
     queue = queue_names()
     ids = publish_load(queue, 600, 0.004)
@@ -151,15 +157,18 @@ def test_a_broker_restart_is_waited_out_with_the_same_workers(
     publish_ids(queue, [10_001, 10_002])
     ids += [10_001, 10_002]
     assert runner.wait(120) == 0, runner.output()[-3000:]
-    handled = handled_ids(record)
+    handled, left = handled_ids(record), ids_in(queue)
+    tally(ids, handled, queued=left)
     assert set(handled) == set(ids)
     assert sum(handled.values()) - len(ids) <= 8, "only what was unacked at the break may come twice"
-    assert ids_in(queue) == []
+    assert left == []
     assert len(worker_pids(record)) == 2
     assert "guest:guest@" not in runner.output()
 
 
-def test_a_stop_during_an_outage_ends_at_once_with_0(broker_restart, run_recorder, queue_names, tmp_path):
+def test_a_stop_during_an_outage_ends_at_once_with_0(
+    broker_restart, run_recorder, queue_names, tmp_path, tally
+):
     """TERM while the broker is away (the master between reconnect attempts): the drain
     waits for no broker, the workers finish, and the master exits 0 well within
     --graceful-timeout. What was unacked is the broker's again. (Republishes awaiting
@@ -175,9 +184,9 @@ def test_a_stop_during_an_outage_ends_at_once_with_0(broker_restart, run_recorde
     assert runner.wait(15) == 0, runner.output()[-3000:]
     subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=True)
     subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=120, check=True)
-    left = ids_in(queue)
-    handled = set(handled_ids(record))
-    assert handled | set(left) == set(ids), "every message handled or back in the queue"
+    left, handled = ids_in(queue), handled_ids(record)
+    tally(ids, handled, queued=left)
+    assert set(handled) | set(left) == set(ids), "every message handled or back in the queue"
 
 
 @pytest.fixture
@@ -200,7 +209,9 @@ def ten_handled_through(proxy, run_recorder, queue: str, record, extra: dict | N
     return runner
 
 
-def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, queue_names, tmp_path, proxy):
+def test_a_silent_connection_is_found_by_heartbeats_and_recovered(
+    run_recorder, queue_names, tmp_path, proxy, tally
+):
     """Packets dropped, no FIN: missed heartbeats end the connection within about two
     intervals; the master reconnects once the path is back, keeps its workers, and
     consumes again. Handlers that run longer than the interval keep heartbeats flowing."""
@@ -221,9 +232,10 @@ def test_a_silent_connection_is_found_by_heartbeats_and_recovered(run_recorder, 
     wait_until(lambda: consumer_count(queue) == 1, 30, message="consuming again")
     publish_ids(queue, list(range(11, 21)), extra={11: {"sleep": 5}})  # longer than two intervals
     assert runner.wait(90) == 0, runner.output()[-3000:]
-    handled = handled_ids(record)
+    handled, left = handled_ids(record), ids_in(queue)
+    tally(range(1, 21), handled, queued=left)
     assert set(handled) == set(range(1, 21)), runner.output()[-3000:]
-    assert ids_in(queue) == []
+    assert left == []
     assert len(worker_pids(record)) == 2, "the workers were kept"
     assert runner.output().count("lost the connection") == 1, "one outage; the long handler lost nothing"
 
@@ -232,7 +244,7 @@ BASIC_CONSUME = b"\x00\x3c\x00\x14"  # class 60 (basic), method 20 (consume)
 
 
 def test_a_connection_gone_silent_during_recovery_is_given_up_and_recovered(
-    run_recorder, queue_names, tmp_path, proxy
+    run_recorder, queue_names, tmp_path, proxy, tally
 ):
     """The link dies, and the new one goes silent right after our basic.consume leaves:
     py-amqp would wait for its consume-ok for good, checking no heartbeat. The answer is
@@ -249,8 +261,10 @@ def test_a_connection_gone_silent_during_recovery_is_given_up_and_recovered(
     wait_until(lambda: consumer_count(queue) == 1, 30, message="consuming again")
     publish_ids(queue, list(range(11, 21)))
     assert runner.wait(90) == 0, runner.output()[-3000:]
-    assert set(handled_ids(record)) == set(range(1, 21)), runner.output()[-3000:]
-    assert ids_in(queue) == []
+    handled, left = handled_ids(record), ids_in(queue)
+    tally(range(1, 21), handled, queued=left)
+    assert set(handled) == set(range(1, 21)), runner.output()[-3000:]
+    assert left == []
     assert len(worker_pids(record)) == 2, "the workers were kept"
 
 
@@ -279,7 +293,7 @@ def short_consumer_timeout() -> Iterator[float]:
 
 
 def test_a_handler_past_the_consumer_timeout_is_named_then_redelivered(
-    run_recorder, queue_names, tmp_path, short_consumer_timeout
+    run_recorder, queue_names, tmp_path, short_consumer_timeout, tally
 ):
     """The handler of the only message runs 7 s under a 4 s consumer timeout: at 90% the
     master names it; the broker closes the channel; the master recovers it and the message
@@ -297,5 +311,7 @@ def test_a_handler_past_the_consumer_timeout_is_named_then_redelivered(
     assert len(named) == 1 and "delivery 1 " in named[0], output[-3000:]
     assert "delivery acknowledgement on channel" in output, output[-3000:]
     assert "recovered the channel" in output, output[-3000:]
-    assert handled_ids(record)[1] == 2, "the first run's result is not acked; the redelivery is"
-    assert ids_in(queue) == []
+    handled, left = handled_ids(record), ids_in(queue)
+    tally([1], handled, queued=left)
+    assert handled[1] == 2, "the first run's result is not acked; the redelivery is"
+    assert left == []
