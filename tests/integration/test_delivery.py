@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import signal
@@ -89,12 +90,17 @@ def test_sigterm_under_load_returns_the_rest_and_loses_nothing(run_recorder, que
     assert runner.wait(15) == 0
     assert time.monotonic() - stopped_at < 10
     handled = handled_ids(record)
-    back = ids_in(queue)
+    messages = get_all(queue)
+    back = [json.loads(msg.body)["id"] for msg in messages]
     assert max(handled.values()) == 1, "a message was handled twice"
     assert len(back) == len(set(back)), "a message is twice in the queue"
     assert not set(handled) & set(back), "a message was handled and also returned"
     assert set(handled) | set(back) == set(ids), "a message was lost"
     assert "stopped (graceful)" in runner.output()
+    # What the summary calls requeued is what the broker got back from us: the messages
+    # that come again marked redelivered (the rest never left the queue).
+    requeued = int(re.search(r"requeued (\d+)", runner.output()).group(1))
+    assert requeued > 0 and requeued == sum(msg.delivery_info["redelivered"] for msg in messages)
 
 
 def test_master_sigkill_leaves_no_worker_and_loses_nothing(run_recorder, queue_names, tmp_path):
@@ -177,8 +183,10 @@ def test_second_signal_stops_at_once_and_returns_the_message(run_cli, queue_name
     os.kill(runner.pid, signal.SIGINT)
     assert runner.wait(10) == 0
     assert time.monotonic() - started < 5
-    assert ready_count(queue) == 1 and ready_count(queue + ".dead") == 0
-    assert "stopped (immediate)" in runner.output()
+    assert ready_count(queue + ".dead") == 0
+    (back,) = get_all(queue)
+    assert back.delivery_info["redelivered"], "it went out and came back"
+    assert "stopped (immediate)" in runner.output() and "requeued 1," in runner.output()
 
 
 def test_graceful_timeout_kills_the_handler_without_counting_a_failure(run_cli, queue_names):
