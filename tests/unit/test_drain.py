@@ -36,8 +36,8 @@ def content(channel: int, body: bytes, frame_max: int, **properties) -> bytes:
     return out
 
 
-def deliver(tag: int, body: bytes, frame_max: int) -> bytes:
-    method = frame(1, 1, struct.pack(">HH", 60, 60) + dumps("sLbss", ("ctag", tag, False, "ex", "rk")))
+def deliver(tag: int, body: bytes, frame_max: int, consumer_tag: str = "ctag") -> bytes:
+    method = frame(1, 1, struct.pack(">HH", 60, 60) + dumps("sLbss", (consumer_tag, tag, False, "ex", "rk")))
     return method + content(1, body, frame_max, message_id=str(tag))
 
 
@@ -107,6 +107,25 @@ def test_a_whole_delivery_is_taken_here_and_a_split_one_by_py_amqp(monkeypatch):
         wired.close()
     assert (len(taken), len(by_py_amqp)) == (1, 1)
     assert [(d.tag, d.body) for d in wired.got] == [(1, b"whole"), (2, b"split")]
+
+
+def test_a_delivery_for_a_cancelled_consumer_goes_back_not_to_a_worker(monkeypatch):
+    """Deliveries can cross our basic.cancel: one for a tag we no longer consume is left
+    to py-amqp, which rejects it with requeue; the deliveries around it are ours."""
+    wired = Wired()
+    rejected = []
+    monkeypatch.setattr(
+        wired.session._channel, "basic_reject", lambda tag, requeue: rejected.append((tag, requeue))
+    )
+    try:
+        wired.feed(
+            deliver(1, b"a", 100) + deliver(2, b"b", 100, consumer_tag="cancelled") + deliver(3, b"c", 100)
+        )
+    finally:
+        wired.close()
+    assert [d.tag for d in wired.got] == [1, 3]
+    assert rejected == [(2, True)]
+    assert wired.conn.bytes_recv == 9
 
 
 @settings(max_examples=150, deadline=None)
