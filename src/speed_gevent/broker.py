@@ -41,8 +41,9 @@ from .actions import Ack
 from .amqpconn import close_channel, drop_connection, open_connection
 from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, split_frames, take_delivery
 from .delivery import Delivery
-from .errors import BrokerError
+from .errors import BrokerError, SpeedGeventError
 from .protocol import MAX_META_SIZE, encode_meta
+from .silence import SilenceWatchdog
 from .topology import ensure_queues
 from .urls import mask_secrets, mask_url
 
@@ -59,11 +60,14 @@ READ_SIZE = 256 * 1024
 READS_PER_DRAIN = 4
 #: Seconds between heartbeat checks (py-amqp asks for about one a second).
 HEARTBEAT_TICK = 1.0
-#: Heartbeat intervals of silence after which a synchronous method (channel open,
-#: declare, qos, consume, cancel) counts as unanswered, as py-amqp judges heartbeats.
-ANSWER_INTERVALS = 2.5
-#: Seconds a synchronous method may wait for its answer with heartbeats off.
+#: Heartbeat intervals of silence during a synchronous method (channel open, declare,
+#: qos, consume, cancel) after which the connection counts as lost, as py-amqp judges
+#: missed heartbeats between them.
+ANSWER_INTERVALS = 2.0
+#: Seconds of silence tolerated during a synchronous method with heartbeats off.
 ANSWER_TIMEOUT_NO_HEARTBEAT = 60.0
+#: A channel.close from the broker: py-amqp answers and reopens the channel, waiting.
+CHANNEL_CLOSE = b"\x00\x14\x00\x28"
 #: Header carrying our confirm sequence number, to match basic.return to its publish.
 PUBLISH_SEQ_HEADER = "x-speed-publish-seq"
 
@@ -135,25 +139,37 @@ class BrokerSession:
         wait: Callable[[float], Any],
         timeout: float | None,
         retry_refused: bool = False,
+        then: Callable[[], None] | None = None,
     ) -> bool:
-        """Connect, retrying with doubling, jittered delays (logged with the password masked).
+        """Connect and run `then()` (the declares, at start), retrying both with doubling,
+        jittered delays (logged with the password masked) when the broker is away.
 
         False if `stop_requested()` came true first; BrokerError if the broker refused us
         (unless `retry_refused`: a reconnect during a run keeps trying), or did not answer
-        within `timeout` seconds (None: retry forever).
+        within `timeout` seconds (None: retry forever). Other errors of ours (a missing
+        queue under --passive, a conflicting declare) are not retried.
         """
         delay = 1.0
         give_up = time.monotonic() + timeout if timeout else None
         while not stop_requested():
             try:
                 self.connect()
+                if then is not None:
+                    with self._outage_as_lost():
+                        then()
                 return True
             except BrokerError as exc:
                 if not retry_refused:
                     raise
                 failure: Exception = exc
+            except SpeedGeventError:
+                raise
             except Exception as exc:
                 failure = exc
+            if self._conn is not None:  # `then()` failed on an open connection
+                self.forget_channel()
+                drop_connection(self._conn)
+                self._conn = None
             if stop_requested():
                 break
             why = mask_secrets(f"{type(failure).__name__}: {failure}", self.url)
@@ -207,19 +223,19 @@ class BrokerSession:
 
     @contextmanager
     def _answered(self, what: str) -> Iterator[None]:
-        """py-amqp waits for a synchronous answer with no deadline and checks no heartbeat
-        meanwhile: on a connection gone silent the consumer greenlet would wait for good.
-        Silence as long as heartbeats would tolerate means the connection is lost."""
+        """Wait on py-amqp's synchronous methods only while the connection still speaks
+        (`silence.py`): silent as long as heartbeats would tolerate means lost."""
         beat = getattr(self._conn, "heartbeat", 0) or 0  # as negotiated with the broker
-        seconds = ANSWER_INTERVALS * beat if beat else ANSWER_TIMEOUT_NO_HEARTBEAT
-        deadline = gevent.Timeout(seconds)  # a BaseException: no `except Exception` on the way hides it
-        try:
-            with deadline:
+        grace = ANSWER_INTERVALS * beat if beat else ANSWER_TIMEOUT_NO_HEARTBEAT
+        watchdog = SilenceWatchdog(self._conn, grace)
+        with watchdog:
+            try:
                 yield
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
-            raise ConnectionLost(f"no answer to {what} within {seconds:g}s") from None
+            except Exception:
+                if not watchdog.fired:
+                    raise
+        if watchdog.fired:  # also when the failure was swallowed on the way (a close)
+            raise ConnectionLost(f"no answer to {what}: the connection was silent for {grace:g}s")
 
     @contextmanager
     def _outage_as_lost(self) -> Iterator[None]:
@@ -459,7 +475,11 @@ class BrokerSession:
                     index += taken.frames
                     self._on_taken(taken)
                     continue
-            on_frame(frame)  # also a delivery for a cancelled consumer: py-amqp requeues it
+            if frame[0] == METHOD and frame[2][:4] == CHANNEL_CLOSE:
+                with self._answered("channel.open (py-amqp reopening a channel the broker closed)"):
+                    on_frame(frame)
+            else:
+                on_frame(frame)  # also a delivery for a cancelled consumer: py-amqp requeues it
             index += 1
 
     @staticmethod

@@ -65,7 +65,7 @@ class ForkServer:
         try:
             return self._serve()
         except ConnectionError:
-            return WorkerExit.OK
+            return WorkerExit.OK if os.getppid() == self.master_pid else WorkerExit.PARENT_GONE
 
     def _serve(self) -> int:
         signal.set_wakeup_fd(self._wake_w)

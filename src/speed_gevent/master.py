@@ -23,6 +23,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
@@ -172,12 +173,12 @@ class Master:
         self._fork.start()
         self._spawn("fork-reports", self._fork.report_loop)
         self._spawn("spawner", self._links.spawner_loop)
+        declare = partial(self._session.declare, settings.queues, settings.queue_type, settings.passive)
         connected = self._session.connect_with_retry(
-            self._stop_asked.is_set, self._stop_asked.wait, settings.connect_timeout
+            self._stop_asked.is_set, self._stop_asked.wait, settings.connect_timeout, then=declare
         )
         if not connected or self._done.is_set():
             return
-        self._session.declare(settings.queues, settings.queue_type, settings.passive)
         if self._stop_asked.is_set():
             return  # stopped while declaring
         self._apply(self._router.channel_opened(self._session.generation))
@@ -336,6 +337,7 @@ class Master:
                 self._apply(self._router.channel_lost(time.monotonic()))
                 self._session.forget_channel()
                 if self._stop_asked.is_set() or self._failing or self._router.phase is not Phase.RUNNING:
+                    self._session.abort()  # a close waiting on it ends now, not at its timeout
                     return  # stopping anyway: what was unacked is the broker's again
                 held = lost is None and time.monotonic() - began >= RECOVERY_HOLDS
                 failures = 1 if held else failures + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import gevent
 
 from speed_gevent.actions import Ack, Reject
-from speed_gevent.broker import BrokerSession, ConnectionLost
+from speed_gevent.broker import BrokerSession
 from speed_gevent.delivery import Delivery
 from speed_gevent.router import Router, RouterSettings
 
@@ -130,29 +130,3 @@ def test_per_consumer_qos_before_each_consume():
 
 def test_the_masked_url_has_no_password():
     assert "secret" not in session_with(RecordingChannel()).masked_url
-
-
-class SilentChannel(RecordingChannel):
-    """basic_consume never hears its consume-ok; a close swallows every Exception, as
-    close_channel does on the way out."""
-
-    def basic_consume(self, queue: str, callback: object, no_ack: bool, on_cancel: object = None) -> str:
-        try:
-            gevent.sleep(10)
-        except Exception:
-            pass
-        return "never"
-
-
-def test_a_synchronous_method_unanswered_past_the_heartbeat_grace_is_an_outage():
-    session = session_with(SilentChannel())
-    session._conn = type("Conn", (), {"heartbeat": 0.04})()  # negotiated: 0.1 s of grace
-    started = gevent.get_hub().loop.now()
-    try:
-        session._consume({"q": 5}, again=False)
-    except ConnectionLost as exc:
-        assert "no answer to basic.consume within 0.1s" in str(exc) and not exc.channel_only
-    else:
-        raise AssertionError("the consume waited past its grace")
-    gevent.get_hub().loop.update_now()
-    assert gevent.get_hub().loop.now() - started < 5

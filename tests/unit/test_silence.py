@@ -1,0 +1,82 @@
+"""py-amqp's synchronous waits on a connection gone silent: the watchdog ends them (and
+the close that follows on the way out) once py-amqp's frame count has stood still for
+the heartbeat grace, and never while frames still arrive. No broker: the waits read one
+end of a socketpair, as py-amqp's would."""
+
+from __future__ import annotations
+
+import time
+
+import gevent
+import gevent.socket
+import pytest
+
+from speed_gevent.broker import BrokerSession, ConnectionLost
+from speed_gevent.silence import SilenceWatchdog
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class SilentLink:
+    """A connection stand-in whose every synchronous method waits for a byte that never
+    comes (a closed or shut-down socket ends the wait, as in py-amqp's transport)."""
+
+    def __init__(self, heartbeat: float) -> None:
+        self.heartbeat = heartbeat
+        self.bytes_recv = 0
+        ours, self.theirs = gevent.socket.socketpair()
+        self.transport = type("Transport", (), {"sock": ours})()
+        self.closes = 0
+
+    def wait_for_answer(self, *args: object, **kwargs: object) -> None:
+        if not self.transport.sock.recv(1):
+            raise OSError("Server unexpectedly closed connection")
+
+    def channel(self) -> SilentLink:
+        return self  # its queue_declare and close wait like the connection's methods
+
+    queue_declare = wait_for_answer
+
+    def close(self) -> None:  # channel.close: waits for close-ok, like py-amqp's
+        self.closes += 1
+        self.wait_for_answer()
+
+
+def session_on(link: SilentLink) -> BrokerSession:
+    session = BrokerSession("amqp://guest:secret@localhost//", 1, on_delivery=lambda d: None)
+    session._conn = link  # type: ignore[assignment]
+    return session
+
+
+def test_a_silent_declare_ends_as_a_lost_connection_and_so_does_its_channel_close():
+    """The declare and then the channel close in topology's `finally` both wait on the
+    silent link; a one-shot timeout would leave the second waiting for good."""
+    link = SilentLink(heartbeat=0.05)  # grace 0.1 s
+    started = time.monotonic()
+    with pytest.raises(ConnectionLost, match=r"no answer to the declare of 'q': the connection was silent"):
+        session_on(link).declare(("q",), "classic", passive=False)
+    assert time.monotonic() - started < 3
+    assert link.closes >= 1, "the close on the way out ran and did not hang"
+
+
+def test_a_slow_broker_that_still_sends_frames_is_waited_for():
+    link = SilentLink(heartbeat=0.05)
+
+    def slow_answer(*args: object, **kwargs: object) -> None:
+        for _ in range(20):  # 0.4 s: four times the grace, with frames all along
+            gevent.sleep(0.02)
+            link.bytes_recv += 1
+
+    link.queue_declare = slow_answer  # type: ignore[method-assign]
+    link.close = lambda: None  # type: ignore[method-assign]
+    session_on(link).declare(("q",), "classic", passive=False)
+
+
+def test_the_watchdog_stands_down_after_the_wait():
+    link = SilentLink(heartbeat=1)
+    with SilenceWatchdog(link, 0.05) as watchdog:
+        pass
+    gevent.sleep(0.2)
+    assert not watchdog.fired
+    link.theirs.sendall(b"x")
+    assert link.transport.sock.recv(1) == b"x", "the socket was left alone"
