@@ -21,17 +21,18 @@ _TALLY: list[tuple[str, int, int, int, int, int, int]] = []
 def tally(request: pytest.FixtureRequest) -> Callable[..., None]:
     """Count a scenario's messages by id for the table at the end of the run: published =
     handled + dead-lettered + queued (never handled) + lost; duplicates are handlings
-    beyond one per id, and ids handled that are queued again (their ack never left)."""
+    beyond one per id, dead letters beyond one per id, and ids handled that are queued
+    again (their ack never left)."""
 
     def record(
         published: Iterable[int], handled: Counter[int], dead: Iterable[int] = (), queued: Iterable[int] = ()
     ) -> None:
-        ids = set(published)
+        ids, dead = set(published), list(dead)
         done = set(handled) & ids
         dead_ids = set(dead) & ids - done
         queued_ids = set(queued) & ids - done - dead_ids
         lost = len(ids - done - dead_ids - queued_ids)
-        duplicates = sum(handled[i] - 1 for i in done) + len(set(queued) & done)
+        duplicates = sum(handled[i] - 1 for i in done) + len(set(queued) & done) + len(dead) - len(set(dead))
         name = request.node.name.removeprefix("test_")
         _TALLY.append((name, len(ids), len(done), len(dead_ids), len(queued_ids), duplicates, lost))
 

@@ -39,8 +39,14 @@ pytestmark = pytest.mark.timeout(240)
 def test_a_closed_connection_is_recovered_again_and_again_under_load(
     run_recorder, queue_names, tmp_path, tally
 ):
+    """Dead letters and retries cross the breaks too: every 50th id is rejected and every
+    150th fails on each attempt (its retries are republished, confirmed, then acked)."""
     queue = queue_names()
-    ids = publish_load(queue, 1500, 0.01)  # 7.5 s of work for 2 workers: outages hit mid-run
+    ids = list(range(1, 1501))  # 7.5 s of work for 2 workers: outages hit mid-run
+    rejected, failing = {i for i in ids if i % 50 == 0}, {i for i in ids if i % 150 == 75}
+    publish_ids(
+        queue, ids, extra={i: {"sleep": 0.01, "reject": i in rejected, "fail": i in failing} for i in ids}
+    )
     record = tmp_path / "rec"
     runner = run_recorder(queue, "--min-workers", "2", "--max-workers", "2", "--max-cache", "8",
                           "--exit-when-idle", "6s", record=record)  # fmt: skip
@@ -56,12 +62,13 @@ def test_a_closed_connection_is_recovered_again_and_again_under_load(
         wait_until(lambda p=probes: set(p) <= set(handled_ids(record)), 30, message="new messages handled")
         ids += probes
     assert runner.wait(90) == 0, runner.output()[-3000:]
-    handled, left = handled_ids(record), ids_in(queue)
-    tally(ids, handled, queued=left)
-    assert set(handled) == set(ids), f"lost: {sorted(set(ids) - set(handled))[:20]}"
-    assert left == []
+    handled, left, dead = handled_ids(record), ids_in(queue), ids_in(queue + ".dead")
+    tally(ids, handled, dead, left)
+    bad = rejected | failing
+    assert set(handled) == set(ids) - bad, f"lost: {sorted(set(ids) - bad - set(handled))[:20]}"
+    assert set(dead) == bad and left == []
     assert len(worker_pids(record)) == 2, "the workers were kept through every outage"
-    duplicates = sum(handled.values()) - len(ids)
+    duplicates = sum(handled.values()) - len(handled) + len(dead) - len(bad)
     assert duplicates <= 3 * 8, "only what was unacked at a break (prefetch 8) may come twice"
     output = runner.output()
     assert "PRECONDITION_FAILED" not in output and "lost the channel" not in output, "an old tag was settled"
