@@ -114,6 +114,7 @@ class BrokerSession:
         self._cancelled: list[str] = []  # queues whose consumer the broker cancelled
         self._running = False
         self._close_deadline = 0.0
+        self._give_up: float | None = None  # when start-up stops trying (--connect-timeout)
         self.closed = gevent.event.Event()
         self.connected = False
 
@@ -150,36 +151,51 @@ class BrokerSession:
         queue under --passive, a conflicting declare) are not retried.
         """
         delay = 1.0
-        give_up = time.monotonic() + timeout if timeout else None
-        while not stop_requested():
-            try:
-                self.connect()
-                if then is not None:
-                    with self._outage_as_lost():
-                        then()
-                return True
-            except BrokerError as exc:
-                if not retry_refused:
-                    raise
-                failure: Exception = exc
-            except SpeedGeventError:
+        give_up = self._give_up = time.monotonic() + timeout if timeout else None
+        try:
+            while not stop_requested():
+                failure = self._attempt(retry_refused, then)
+                if failure is None:
+                    return True
+                if stop_requested():
+                    break
+                why = mask_secrets(f"{type(failure).__name__}: {failure}", self.url)
+                if give_up is not None and time.monotonic() + delay > give_up:
+                    raise BrokerError(f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}")
+                pause = delay * random.uniform(0.75, 1.25)  # instances cut off together spread out
+                logger.warning("cannot reach the broker %s: %s; retrying in %.1fs", self.masked_url, why,
+                               pause)  # fmt: skip
+                wait(pause)
+                delay = min(delay * 2, MAX_CONNECT_BACKOFF)
+            return False
+        finally:
+            self._give_up = None
+
+    def _attempt(self, retry_refused: bool, then: Callable[[], None] | None) -> Exception | None:
+        """One connect (and `then()`): None if it worked, the failure if worth retrying."""
+        try:
+            self.connect()
+            if then is not None:
+                with self._outage_as_lost():
+                    then()
+            return None
+        except BrokerError as exc:
+            if not retry_refused:
                 raise
-            except Exception as exc:
-                failure = exc
-            if self._conn is not None:  # `then()` failed on an open connection
-                self.forget_channel()
-                drop_connection(self._conn)
-                self._conn = None
-            if stop_requested():
-                break
-            why = mask_secrets(f"{type(failure).__name__}: {failure}", self.url)
-            if give_up is not None and time.monotonic() + delay > give_up:
-                raise BrokerError(f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}")
-            pause = delay * random.uniform(0.75, 1.25)  # instances cut off together spread out
-            logger.warning("cannot reach the broker %s: %s; retrying in %.1fs", self.masked_url, why, pause)
-            wait(pause)
-            delay = min(delay * 2, MAX_CONNECT_BACKOFF)
-        return False
+            failure: Exception = exc
+        except ConnectionLost as exc:
+            if exc.channel_only:  # the broker refused a declare on its channel: no outage
+                raise BrokerError(f"the broker refused to set up the queues: {exc}") from None
+            failure = exc
+        except SpeedGeventError:
+            raise
+        except Exception as exc:
+            failure = exc
+        if self._conn is not None:  # `then()` failed on an open connection
+            self.forget_channel()
+            drop_connection(self._conn)
+            self._conn = None
+        return failure
 
     def recover(
         self, lost: ConnectionLost, stop_requested: Callable[[], bool], wait: Callable[[float], Any]
@@ -227,7 +243,7 @@ class BrokerSession:
         (`silence.py`): silent as long as heartbeats would tolerate means lost."""
         beat = getattr(self._conn, "heartbeat", 0) or 0  # as negotiated with the broker
         grace = ANSWER_INTERVALS * beat if beat else ANSWER_TIMEOUT_NO_HEARTBEAT
-        watchdog = SilenceWatchdog(self._conn, grace)
+        watchdog = SilenceWatchdog(self._conn, grace, self._give_up)
         with watchdog:
             try:
                 yield
@@ -235,7 +251,7 @@ class BrokerSession:
                 if not watchdog.fired:
                     raise
         if watchdog.fired:  # also when the failure was swallowed on the way (a close)
-            raise ConnectionLost(f"no answer to {what}: the connection was silent for {grace:g}s")
+            raise ConnectionLost(f"no answer to {what}: {watchdog.why}")
 
     @contextmanager
     def _outage_as_lost(self) -> Iterator[None]:

@@ -11,6 +11,7 @@ sends heartbeats and is waited for. A gevent.Timeout would only interrupt the fi
 
 from __future__ import annotations
 
+import _socket  # the C socket type, below gevent's and ssl's wrappers
 import socket
 import time
 from types import TracebackType
@@ -23,21 +24,25 @@ MAX_CHECK_INTERVAL = 1.0
 
 
 class SilenceWatchdog:
-    """`with SilenceWatchdog(conn, grace):` around code that waits on `conn`; `fired`
-    says whether it ended the connection."""
+    """`with SilenceWatchdog(conn, grace, deadline):` around code that waits on `conn`;
+    `fired` says whether it ended the connection, and `why`. `deadline` (monotonic
+    seconds) ends it even while frames arrive (--connect-timeout at start)."""
 
-    def __init__(self, conn: Any, grace: float) -> None:
+    def __init__(self, conn: Any, grace: float, deadline: float | None = None) -> None:
         self._conn = conn
         self.grace = grace
+        self._deadline = deadline
         self.fired = False
+        self.why = ""
         self._seen = -1
         self._quiet_since = 0.0
-        every = min(MAX_CHECK_INTERVAL, grace / 4)
-        self._timer = gevent.get_hub().loop.timer(every, every)
+        self._timer: Any = None
 
     def __enter__(self) -> SilenceWatchdog:
         self._seen = self._conn.bytes_recv
         self._quiet_since = time.monotonic()
+        every = min(MAX_CHECK_INTERVAL, self.grace / 4)
+        self._timer = gevent.get_hub().loop.timer(every, every)
         self._timer.start(self._check)
         return self
 
@@ -48,16 +53,49 @@ class SilenceWatchdog:
 
     def _check(self) -> None:
         """In the hub: must neither block nor raise."""
-        now = time.monotonic()
-        seen = self._conn.bytes_recv
-        if seen != self._seen:
-            self._seen, self._quiet_since = seen, now
-            return
-        if now - self._quiet_since < self.grace:
-            return
-        self.fired = True
-        self._timer.stop()
         try:
-            self._conn.transport.sock.shutdown(socket.SHUT_RDWR)  # the fd stays open under its watchers
-        except (AttributeError, OSError):
+            now = time.monotonic()
+            if self._deadline is not None and now >= self._deadline:
+                self._fire("the start-up deadline (--connect-timeout) passed")
+                return
+            seen = self._conn.bytes_recv
+            if seen != self._seen:
+                self._seen, self._quiet_since = seen, now
+            elif now - self._quiet_since >= self.grace and not self._readable():
+                self._fire(f"the connection was silent for {self.grace:g}s")
+        except Exception:  # a hub callback that raises prints a traceback and is lost
+            self._timer.stop()
+
+    def _socket(self) -> Any:
+        # `_transport`, not the `transport` property: on a collected connection that one
+        # connects again, a blocking call in the hub.
+        return getattr(getattr(self._conn, "_transport", None), "sock", None)
+
+    def _readable(self) -> bool:
+        """An answer already in the kernel's buffer: the greenlet has not read it yet."""
+        sock = self._socket()
+        if sock is None:
+            return False
+        raw = _socket.socket(fileno=sock.fileno())
+        try:
+            return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+        finally:
+            raw.detach()
+
+    def _fire(self, why: str) -> None:
+        self.fired, self.why = True, why
+        self._timer.stop()
+        sock = self._socket()
+        if sock is None:
+            return
+        # Shut down below any TLS layer (an SSL socket's own shutdown drops its state, and
+        # the close after it then fails); the fd stays open under its watchers.
+        raw = _socket.socket(fileno=sock.fileno())
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
             pass  # already closed: the wait has its error anyway
+        finally:
+            raw.detach()

@@ -86,6 +86,8 @@ def queue_exists(connection: Any, queue: str) -> bool:
         return True
     except NotFound:
         return False
+    except ResourceLocked as exc:
+        raise _locked(queue, exc) from None
     finally:
         close_channel(channel)
 
@@ -102,9 +104,7 @@ def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
     except PreconditionFailed as exc:
         raise QueueConflict(queue, differing_argument(exc.reply_text)) from None
     except ResourceLocked as exc:
-        raise ConfigError(
-            f"cannot declare queue {queue!r}: {exc.reply_text} (exclusive to another connection)"
-        ) from None
+        raise _locked(queue, exc) from None
     except (AccessRefused, NotAllowed) as exc:
         raise ConfigError(
             f"cannot declare queue {queue!r}: {exc.reply_text} (declare it beforehand, or give "
@@ -112,3 +112,7 @@ def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
         ) from None
     finally:
         close_channel(channel)
+
+
+def _locked(queue: str, exc: ResourceLocked) -> ConfigError:
+    return ConfigError(f"cannot use queue {queue!r}: {exc.reply_text} (exclusive to another connection)")

@@ -96,3 +96,19 @@ def test_no_configure_permission_for_our_dead_letter_queue_is_one_clear_line(que
         and "configure permission" in result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("passive", [False, True], ids=["declaring", "passive"])
+def test_a_queue_exclusive_to_another_connection_is_one_clear_line(queue_names, passive):
+    """Even a passive look at it is refused (RESOURCE_LOCKED, on the channel): exit 2,
+    not a start-up that retries it as an outage."""
+    queue = queue_names()
+    with Connection(BROKER) as owner:
+        owner.connection.channel().queue_declare(queue, exclusive=True)
+        result = run("run", "tests.apps.recorder:handle", "-q", queue, *(["--passive"] if passive else []),
+                     "--connect-timeout", "20s", env={"SPEED_GEVENT_BROKER": BROKER})  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert (
+        f"cannot use queue {queue!r}" in result.stderr and "exclusive to another connection" in result.stderr
+    )
+    assert "Traceback" not in result.stderr and "cannot reach the broker" not in result.stderr

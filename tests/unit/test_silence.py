@@ -10,8 +10,10 @@ import time
 import gevent
 import gevent.socket
 import pytest
+from amqp.exceptions import ChannelError
 
 from speed_gevent.broker import BrokerSession, ConnectionLost
+from speed_gevent.errors import BrokerError
 from speed_gevent.silence import SilenceWatchdog
 
 pytestmark = pytest.mark.timeout(30)
@@ -25,11 +27,11 @@ class SilentLink:
         self.heartbeat = heartbeat
         self.bytes_recv = 0
         ours, self.theirs = gevent.socket.socketpair()
-        self.transport = type("Transport", (), {"sock": ours})()
+        self._transport = type("Transport", (), {"sock": ours})()
         self.closes = 0
 
     def wait_for_answer(self, *args: object, **kwargs: object) -> None:
-        if not self.transport.sock.recv(1):
+        if not self._transport.sock.recv(1):
             raise OSError("Server unexpectedly closed connection")
 
     def channel(self) -> SilentLink:
@@ -60,10 +62,10 @@ def test_a_silent_declare_ends_as_a_lost_connection_and_so_does_its_channel_clos
 
 
 def test_a_slow_broker_that_still_sends_frames_is_waited_for():
-    link = SilentLink(heartbeat=0.05)
+    link = SilentLink(heartbeat=0.5)  # grace 1 s: a stall of the test machine stays far below it
 
     def slow_answer(*args: object, **kwargs: object) -> None:
-        for _ in range(20):  # 0.4 s: four times the grace, with frames all along
+        for _ in range(75):  # 1.5 s or more: past the grace, with frames all along
             gevent.sleep(0.02)
             link.bytes_recv += 1
 
@@ -79,4 +81,46 @@ def test_the_watchdog_stands_down_after_the_wait():
     gevent.sleep(0.2)
     assert not watchdog.fired
     link.theirs.sendall(b"x")
-    assert link.transport.sock.recv(1) == b"x", "the socket was left alone"
+    assert link._transport.sock.recv(1) == b"x", "the socket was left alone"
+
+
+def test_the_start_up_deadline_ends_a_wait_even_while_frames_arrive():
+    link = SilentLink(heartbeat=10)
+    chatty = gevent.spawn(lambda: [(gevent.sleep(0.01), setattr(link, "bytes_recv", n)) for n in range(1000)])
+    started = time.monotonic()
+    with SilenceWatchdog(link, 20, deadline=started + 0.2) as watchdog, pytest.raises(OSError):
+        link.wait_for_answer()
+    chatty.kill()
+    assert watchdog.fired and "--connect-timeout" in watchdog.why
+    assert time.monotonic() - started < 3
+
+
+def test_a_collected_connection_is_neither_reconnected_nor_a_traceback_in_the_hub(capfd):
+    """py-amqp's `transport` property connects again when `_transport` is None: a
+    blocking call the hub must never make."""
+    link = SilentLink(heartbeat=0.05)
+    link._transport = None
+    type(link).transport = property(lambda self: pytest.fail("the transport property was read"))
+    try:
+        with SilenceWatchdog(link, 0.1) as watchdog:
+            gevent.sleep(0.4)
+    finally:
+        del type(link).transport
+    assert watchdog.fired
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_declare_refused_on_its_channel_at_start_is_not_retried_as_an_outage():
+    """RESOURCE_LOCKED and the like close the channel, not the connection: at start that
+    is one clear error, not 'cannot reach the broker' forever."""
+    session = BrokerSession("amqp://guest:secret@localhost//", 1, on_delivery=lambda d: None)
+    session.connect = lambda: setattr(session, "_conn", None)  # type: ignore[method-assign]
+    attempts = []
+
+    def refused() -> None:
+        attempts.append(1)
+        raise ChannelError("RESOURCE_LOCKED - cannot obtain exclusive access")
+
+    with pytest.raises(BrokerError, match="refused to set up the queues"):
+        session.connect_with_retry(lambda: False, gevent.sleep, None, then=refused)
+    assert attempts == [1]
