@@ -44,6 +44,26 @@ def test_entry_point_patches_before_amqp_is_imported():
     assert "UNPATCHED" not in result.stdout
 
 
+def test_entry_point_patches_all_without_the_plugin_scan():
+    result = run_python("""
+        import sys
+        from speed_gevent.__main__ import _patch_all
+        import gevent.events
+        from gevent import monkey
+
+        scan = gevent.events.notify_and_call_entry_points
+        _patch_all()
+        names = ("socket", "ssl", "select", "time", "threading", "os", "signal", "subprocess", "queue")
+        print("unpatched:", [n for n in names if not monkey.is_module_patched(n)])
+        print("scanned:", "importlib.metadata" in sys.modules)
+        print("restored:", gevent.events.notify_and_call_entry_points is scan)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "unpatched: []" in result.stdout
+    assert "scanned: False" in result.stdout, "gevent's plugin scan ran: about 2.5 MB kept in the master"
+    assert "restored: True" in result.stdout
+
+
 def test_master_reaps_the_fork_server_through_gevent_without_a_sigchld_handler():
     result = run_python("""
         from gevent import monkey
