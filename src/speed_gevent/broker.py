@@ -41,6 +41,7 @@ from .actions import Ack
 from .amqpconn import close_channel, drop_connection, open_connection
 from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, split_frames, take_delivery
 from .delivery import Delivery
+from .doorbell import Doorbell
 from .errors import BrokerError, SpeedGeventError
 from .protocol import MAX_META_SIZE, encode_meta
 from .silence import SilenceWatchdog
@@ -105,7 +106,7 @@ class BrokerSession:
         self._next_id = 0
         self._queue_of: dict[str, str] = {}
         self._outbox: deque[tuple[Any, ...]] = deque()
-        self._wake = gevent.event.Event()
+        self._wake = Doorbell()
         self._publish_seq = 0
         self._confirms: dict[int, tuple[Confirm, str]] = {}
         self._returned: dict[int, str] = {}
@@ -310,7 +311,7 @@ class BrokerSession:
         recovered as a whole, and consuming starts again once the queue is declared."""
         queue = self._queue_of.get(consumer_tag, consumer_tag)
         self._cancelled.append(queue)
-        self._wake.set()
+        self._wake.ring()
 
     def _consume(self, prefetch: dict[str, int], again: bool) -> None:
         try:
@@ -359,16 +360,16 @@ class BrokerSession:
 
     def wake(self) -> None:
         """Acks wait in the router: take and write them now."""
-        self._wake.set()
+        self._wake.ring()
 
     def wake_soon(self) -> None:
         """Acks wait in the router: take them within ACK_DELAY, so that several results
         finished meanwhile leave as one multiple-ack (any earlier turn takes them too)."""
         timer = self._ack_timer
         if timer is None:
-            self._wake.set()
+            self._wake.ring()
         elif not timer.active:
-            timer.start(self._wake.set)
+            timer.start(self._wake.ring)
 
     def reject(self, delivery: Delivery, requeue: bool = True) -> None:
         self._put(("reject", delivery, requeue))
@@ -391,13 +392,13 @@ class BrokerSession:
         self._closing = True
         self._close_deadline = time.monotonic() + timeout
         if self._running:
-            self._wake.set()
+            self._wake.ring()
         elif not self.closed.is_set():
             self._shutdown()  # the consumer greenlet never ran (a stop during start)
 
     def _put(self, op: tuple[Any, ...]) -> None:
         self._outbox.append(op)
-        self._wake.set()
+        self._wake.ring()
 
     # -- the consumer greenlet ------------------------------------------------------------
 
@@ -440,9 +441,9 @@ class BrokerSession:
                 next_heartbeat = now + HEARTBEAT_TICK
             if self._closing and self._ready_to_close(now):
                 return
-            if self._outbox or self._wake.is_set():
+            if self._outbox or self._wake.is_rung():
                 continue
-            io.start(self._wake.set)
+            io.start(self._wake.ring)
             try:
                 self._wake.wait(max(0.0, next_heartbeat - now))
             finally:
@@ -535,7 +536,7 @@ class BrokerSession:
         self.connected = False
         self._aborting = True
         if self._running:
-            self._wake.set()
+            self._wake.ring()
         else:
             self._collect()
 
