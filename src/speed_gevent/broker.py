@@ -42,7 +42,7 @@ from .amqpconn import close_channel, drop_connection, open_connection
 from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, split_frames, take_delivery
 from .delivery import Delivery
 from .doorbell import Doorbell
-from .errors import BrokerError, SpeedGeventError
+from .errors import BrokerError, ConfigError, SpeedGeventError
 from .protocol import MAX_META_SIZE, encode_meta
 from .silence import SilenceWatchdog
 from .topology import ensure_queues
@@ -75,13 +75,24 @@ PUBLISH_SEQ_HEADER = "x-speed-publish-seq"
 Confirm = Callable[[bool, str], None]
 
 
+#: Longest one connect and handshake may take, in seconds (at most --connect-timeout).
+ATTEMPT_TIMEOUT = 10.0
+MIN_ATTEMPT_TIMEOUT = 1.0
+
+
 class ConnectionLost(Exception):
     """The connection or channel broke while running (`channel_only`: the connection is
     still up, the broker closed our channel or cancelled a consumer)."""
 
-    def __init__(self, why: str, channel_only: bool = False) -> None:
+    def __init__(self, why: str, channel_only: bool = False, reply_code: int = 0) -> None:
         super().__init__(why)
         self.channel_only = channel_only
+        self.reply_code = reply_code  #: the broker's code when it closed the channel
+
+
+#: Channel refusals that no retry will change (access refused, resource locked,
+#: precondition failed): at start, a configuration error.
+PERMANENT_REFUSALS = frozenset({403, 405, 406})
 
 
 class BrokerSession:
@@ -114,6 +125,7 @@ class BrokerSession:
         self._aborting = False
         self._cancelled: list[str] = []  # queues whose consumer the broker cancelled
         self._running = False
+        self._owned = False  # a consumer greenlet lives (running, or recovering)
         self._close_deadline = 0.0
         self._give_up: float | None = None  # when start-up stops trying (--connect-timeout)
         self.closed = gevent.event.Event()
@@ -123,7 +135,7 @@ class BrokerSession:
 
     def connect(self) -> None:
         """Open the connection and channel (BrokerError if refused, OSError if unreachable)."""
-        conn = open_connection(self.url, self._heartbeat, self._connect_timeout, self.masked_url)
+        conn = open_connection(self.url, self._heartbeat, self._attempt_timeout(), self.masked_url)
         self._conn = conn
         self.generation += 1
         try:
@@ -134,6 +146,15 @@ class BrokerSession:
             self._conn = None
             raise
         self.connected = True
+
+    def _attempt_timeout(self) -> float:
+        """How long one TCP connect and AMQP handshake may take: --connect-timeout bounds
+        start-up as a whole, and a long one must not let a reconnect hang on one stalled
+        handshake for as long."""
+        limit = min(ATTEMPT_TIMEOUT, self._connect_timeout or ATTEMPT_TIMEOUT)
+        if self._give_up is not None:
+            limit = min(limit, self._give_up - time.monotonic())
+        return max(MIN_ATTEMPT_TIMEOUT, limit)
 
     def connect_with_retry(
         self,
@@ -161,9 +182,9 @@ class BrokerSession:
                 if stop_requested():
                     break
                 why = mask_secrets(f"{type(failure).__name__}: {failure}", self.url)
-                if give_up is not None and time.monotonic() + delay > give_up:
-                    raise BrokerError(f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}")
                 pause = delay * random.uniform(0.75, 1.25)  # instances cut off together spread out
+                if give_up is not None and time.monotonic() + pause > give_up:
+                    raise BrokerError(f"cannot reach the broker {self.masked_url} within {timeout:g}s: {why}")
                 logger.warning("cannot reach the broker %s: %s; retrying in %.1fs", self.masked_url, why,
                                pause)  # fmt: skip
                 wait(pause)
@@ -185,9 +206,9 @@ class BrokerSession:
                 raise
             failure: Exception = exc
         except ConnectionLost as exc:
-            if exc.channel_only:  # the broker refused a declare on its channel: no outage
-                raise BrokerError(f"the broker refused to set up the queues: {exc}") from None
-            failure = exc
+            if exc.channel_only and exc.reply_code in PERMANENT_REFUSALS:
+                raise ConfigError(f"the broker refused to set up the queues: {exc}") from None
+            failure = exc  # also a channel closed for a passing reason (a home node down)
         except SpeedGeventError:
             raise
         except Exception as exc:
@@ -294,9 +315,15 @@ class BrokerSession:
                 ensure_queues(self._conn, (queue,), queue_type, passive)
 
     def start_consuming(self, prefetch: dict[str, int]) -> None:
-        """Per-consumer prefetch (quorum queues refuse global QoS): basic_qos before each consume."""
+        """Per-consumer prefetch (quorum queues refuse global QoS): basic_qos before each
+        consume. A queue this channel consumes already is skipped: the first consume can be
+        queued while a recovery consumes (an outage while the floor boots), and a second
+        consumer would double what the broker lets us hold."""
         channel = self._channel
+        consumed = set(self._queue_of.values())
         for queue, count in prefetch.items():
+            if queue in consumed:
+                continue
             channel.basic_qos(0, count, False)
             tag = channel.basic_consume(
                 queue=queue,
@@ -391,10 +418,23 @@ class BrokerSession:
         """Flush the outbox and wait for outstanding confirms (up to `timeout`), then close."""
         self._closing = True
         self._close_deadline = time.monotonic() + timeout
-        if self._running:
-            self._wake.ring()
+        if self._running or self._owned:
+            self._wake.ring()  # its consumer greenlet closes, once out of any wait of its own
         elif not self.closed.is_set():
             self._shutdown()  # the consumer greenlet never ran (a stop during start)
+
+    @contextmanager
+    def owned(self) -> Iterator[None]:
+        """The consumer greenlet's whole life, its recoveries included: a close() meanwhile
+        is left to it, so no other greenlet waits on the connection beside one of its
+        synchronous waits (a declare during recovery, say)."""
+        self._owned = True
+        try:
+            yield
+        finally:
+            self._owned = False
+            if self._closing and not self._aborting and not self.closed.is_set():
+                self._shutdown()
 
     def _put(self, op: tuple[Any, ...]) -> None:
         self._outbox.append(op)
@@ -499,13 +539,15 @@ class BrokerSession:
                 on_frame(frame)  # also a delivery for a cancelled consumer: py-amqp requeues it
             index += 1
 
-    @staticmethod
-    def _drain_slowly(amqp_conn: Any) -> None:
-        for _ in range(DRAIN_BATCH):
-            try:
-                amqp_conn.drain_events(timeout=0)
-            except TimeoutError:
-                return
+    def _drain_slowly(self, amqp_conn: Any) -> None:
+        """TLS: py-amqp reads; a channel it reopens inside (a CHANNEL_CLOSE frame) is a
+        synchronous wait, watched like every other."""
+        with self._answered("a frame over TLS (or py-amqp reopening a channel)"):
+            for _ in range(DRAIN_BATCH):
+                try:
+                    amqp_conn.drain_events(timeout=0)
+                except TimeoutError:
+                    return
 
     def _ready_to_close(self, now: float) -> bool:
         if self._outbox:
@@ -657,7 +699,8 @@ def _as_lost(exc: Exception) -> ConnectionLost | None:
     if _is_connection_error(exc):
         return ConnectionLost(f"{type(exc).__name__}: {exc}")
     if isinstance(exc, ChannelError):  # the broker closed our channel (py-amqp revived it)
-        return ConnectionLost(f"the broker closed the channel: {exc}", channel_only=True)
+        return ConnectionLost(f"the broker closed the channel: {exc}", channel_only=True,
+                              reply_code=getattr(exc, "reply_code", 0) or 0)  # fmt: skip
     return None
 
 

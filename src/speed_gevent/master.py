@@ -316,6 +316,10 @@ class Master:
         """The consumer greenlet: run the session; after an outage, recover and run again.
         Workers keep running through it; what was unacked comes back from the broker, and
         results for it are never acked on the new channel (the router's generations)."""
+        with self._session.owned():
+            self._consume_and_recover()
+
+    def _consume_and_recover(self) -> None:
         lost: ConnectionLost | None = None
         failures = 0  # outages in a row that came before the last recovery held a while
         while True:

@@ -12,6 +12,7 @@ sends heartbeats and is waited for. A gevent.Timeout would only interrupt the fi
 from __future__ import annotations
 
 import _socket  # the C socket type, below gevent's and ssl's wrappers
+import logging
 import socket
 import time
 from types import TracebackType
@@ -21,12 +22,18 @@ import gevent
 
 #: Longest pause between two looks at the frame count, in seconds.
 MAX_CHECK_INTERVAL = 1.0
+#: Past the start-up deadline, a wait that heard nothing for this long ends: an answer
+#: on its way (frames arriving) is still waited for.
+DEADLINE_GRACE = 3.0
+
+logger = logging.getLogger(__name__)
 
 
 class SilenceWatchdog:
     """`with SilenceWatchdog(conn, grace, deadline):` around code that waits on `conn`;
-    `fired` says whether it ended the connection, and `why`. `deadline` (monotonic
-    seconds) ends it even while frames arrive (--connect-timeout at start)."""
+    `fired` says whether it ended the connection, and `why`. Past `deadline` (monotonic
+    seconds: --connect-timeout at start) the grace shrinks to DEADLINE_GRACE; an answer
+    on its way is still waited for."""
 
     def __init__(self, conn: Any, grace: float, deadline: float | None = None) -> None:
         self._conn = conn
@@ -55,15 +62,19 @@ class SilenceWatchdog:
         """In the hub: must neither block nor raise."""
         try:
             now = time.monotonic()
-            if self._deadline is not None and now >= self._deadline:
-                self._fire("the start-up deadline (--connect-timeout) passed")
-                return
             seen = self._conn.bytes_recv
             if seen != self._seen:
                 self._seen, self._quiet_since = seen, now
-            elif now - self._quiet_since >= self.grace and not self._readable():
+                return
+            quiet = now - self._quiet_since
+            if self._readable():
+                return
+            if quiet >= self.grace:
                 self._fire(f"the connection was silent for {self.grace:g}s")
-        except Exception:  # a hub callback that raises prints a traceback and is lost
+            elif self._deadline is not None and now >= self._deadline and quiet >= DEADLINE_GRACE:
+                self._fire(f"the start-up deadline (--connect-timeout) passed, silent for {quiet:.0f}s")
+        except Exception as exc:  # a hub callback that raises prints a traceback and is lost
+            logger.warning("the silence watchdog stopped: %s: %s", type(exc).__name__, exc)
             self._timer.stop()
 
     def _socket(self) -> Any:
@@ -73,10 +84,9 @@ class SilenceWatchdog:
 
     def _readable(self) -> bool:
         """An answer already in the kernel's buffer: the greenlet has not read it yet."""
-        sock = self._socket()
-        if sock is None:
+        raw = self._raw_socket()
+        if raw is None:
             return False
-        raw = _socket.socket(fileno=sock.fileno())
         try:
             return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
         except OSError:
@@ -84,15 +94,25 @@ class SilenceWatchdog:
         finally:
             raw.detach()
 
+    def _raw_socket(self) -> Any:
+        """The connection's fd as a bare C socket (to detach, never close), or None once
+        py-amqp let go of it."""
+        sock = self._socket()
+        if sock is None:
+            return None
+        try:
+            return _socket.socket(fileno=sock.fileno())
+        except (OSError, ValueError):  # closed meanwhile (fileno -1): its waits fail anyway
+            return None
+
     def _fire(self, why: str) -> None:
         self.fired, self.why = True, why
         self._timer.stop()
-        sock = self._socket()
-        if sock is None:
-            return
         # Shut down below any TLS layer (an SSL socket's own shutdown drops its state, and
         # the close after it then fails); the fd stays open under its watchers.
-        raw = _socket.socket(fileno=sock.fileno())
+        raw = self._raw_socket()
+        if raw is None:
+            return
         try:
             raw.shutdown(socket.SHUT_RDWR)
         except OSError:

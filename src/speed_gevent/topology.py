@@ -44,6 +44,11 @@ def queue_arguments(queue_type: str) -> dict[str, Any] | None:
     return {"x-queue-type": "quorum"} if queue_type == "quorum" else None
 
 
+#: RabbitMQ's NOT_FOUND for a classic durable queue whose node is away ("home node
+#: 'rabbit@b' of durable queue 'q' in vhost '/' is down or inaccessible").
+HOME_NODE_DOWN = "is down or inaccessible"
+
+
 def differing_argument(reply_text: str) -> str:
     """'x-max-priority: the queue has the value '10' of type 'signedint', we sent none'
     from the broker's PRECONDITION_FAILED text (the text itself if it is not that)."""
@@ -84,7 +89,9 @@ def queue_exists(connection: Any, queue: str) -> bool:
     try:
         channel.queue_declare(queue=queue, passive=True)
         return True
-    except NotFound:
+    except NotFound as exc:
+        if HOME_NODE_DOWN in (exc.reply_text or ""):
+            raise  # it exists, on a cluster node that is away: an outage, retried
         return False
     except ResourceLocked as exc:
         raise _locked(queue, exc) from None

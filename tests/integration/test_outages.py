@@ -296,6 +296,7 @@ def test_a_connection_gone_silent_while_declaring_at_start_is_tried_again(
                           record=record, env={"SPEED_GEVENT_BROKER": url})  # fmt: skip
     wait_until(lambda: "no answer to the declare" in runner.output() or runner.proc.poll() is not None,
                20, message="the unanswered declare given up")  # fmt: skip
+    assert "no answer to the declare" in runner.output(), runner.output()[-2000:]
     proxy.resume()
     stop_once_handled(runner, record, range(1, 11))
     handled, left = handled_ids(record), ids_in(queue)

@@ -9,6 +9,7 @@ per-consumer QoS (quorum queues refuse global QoS) is set before each basic_cons
 from __future__ import annotations
 
 import gevent
+import gevent.event
 
 from speed_gevent.actions import Ack, Reject
 from speed_gevent.broker import BrokerSession
@@ -130,3 +131,51 @@ def test_per_consumer_qos_before_each_consume():
 
 def test_the_masked_url_has_no_password():
     assert "secret" not in session_with(RecordingChannel()).masked_url
+
+
+def test_a_queue_already_consumed_on_this_channel_gets_no_second_consumer():
+    """The first basic_consume can be queued while a recovery consumes already (an outage
+    while the floor boots): each queue has one consumer per channel, so the prefetch bound
+    holds; after a cancel, consuming again makes a new one."""
+    channel = RecordingChannel()
+    session = session_with(channel)
+    session.start_consuming({"a": 5, "b": 5})
+    session.start_consuming({"a": 5, "b": 5})
+    assert [call for call in channel.calls if call[0] == "consume"] == [("consume", "a", False),
+                                                                         ("consume", "b", False)]  # fmt: skip
+    session._queue_of.clear()  # what a cancel (or a new channel) leaves
+    session.start_consuming({"a": 5})
+    assert [call[1] for call in channel.calls if call[0] == "consume"] == ["a", "b", "a"]
+
+
+class RecordingConnection:
+    def __init__(self) -> None:
+        self.closed_by: list[object] = []
+
+    def close(self) -> None:
+        self.closed_by.append(gevent.getcurrent())
+
+
+def test_a_close_while_the_consumer_greenlet_recovers_is_left_to_that_greenlet():
+    """A graceful stop during a recovery's declare: the closer never calls close() on the
+    connection beside the consumer greenlet's synchronous wait; the consumer greenlet
+    closes once it is out of its waits."""
+    session = session_with(RecordingChannel())
+    conn = session._conn = RecordingConnection()  # type: ignore[assignment]
+    in_wait = gevent.event.Event()
+    leave_wait = gevent.event.Event()
+
+    def consumer_greenlet() -> None:
+        with session.owned():
+            in_wait.set()
+            leave_wait.wait(5)  # a declare's answer, say
+
+    owner = gevent.spawn(consumer_greenlet)
+    in_wait.wait(5)
+    closer = gevent.spawn(session.close, 1.0)
+    closer.join(5)
+    assert conn.closed_by == [] and not session.closed.is_set()
+    leave_wait.set()
+    owner.join(5)
+    assert conn.closed_by == [owner]
+    assert session.closed.is_set()
