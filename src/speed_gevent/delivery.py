@@ -10,9 +10,6 @@ from typing import Any
 
 from .message import ATTEMPT_HEADER
 
-#: Header quorum queues add: how many times the broker delivered the message before.
-DELIVERY_COUNT_HEADER = "x-delivery-count"
-
 
 class Delivery:
     """One delivery. `(generation, tag)` is only meaningful on the channel it came from."""
@@ -68,11 +65,12 @@ class Delivery:
 
 
 def attempt_of(headers: dict[str, Any] | None) -> int:
-    """Attempt number: our header (1 if absent) plus the quorum queue's delivery count."""
+    """Attempt number: our header alone (1 if absent). A quorum queue's x-delivery-count
+    also rises when we give a message back unstarted (a graceful stop, an expired cache
+    entry), so counting it would push messages toward the dead letters for our own stops."""
     if not headers:
         return 1
-    attempt = _as_int(headers.get(ATTEMPT_HEADER), 1)
-    return max(1, attempt) + max(0, _as_int(headers.get(DELIVERY_COUNT_HEADER), 0))
+    return max(1, _as_int(headers.get(ATTEMPT_HEADER), 1))
 
 
 def _as_int(value: object, default: int) -> int:

@@ -7,6 +7,7 @@ from typing import Any
 
 #: Our own header: the attempt number of this delivery (1 for the first).
 ATTEMPT_HEADER = "x-speed-attempt"
+DELIVERY_COUNT_HEADER = "x-delivery-count"  #: the broker's, on quorum queues
 
 
 class MessageDecodeError(ValueError):
@@ -75,6 +76,16 @@ class Message:
         """1 for the first delivery, counting failed attempts before this one."""
         value: int = self._meta["attempt"]
         return value
+
+    @property
+    def delivery_count(self) -> int | None:
+        """How often the broker delivered this message before (a quorum queue's
+        x-delivery-count, which also counts messages we gave back unstarted); None where
+        the queue keeps no count. Not the attempt number: see `attempt`."""
+        value = self.headers.get(DELIVERY_COUNT_HEADER)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return max(0, value)
+        return None
 
     def __repr__(self) -> str:
         return f"<Message queue={self.queue!r} attempt={self.attempt} {len(self.body)} bytes>"

@@ -93,10 +93,12 @@ def test_failure_from_result():
     assert failure_from_result(Outcome.REJECT, "Reject", "no", "").kind is FailureKind.REJECT
 
 
-def test_attempt_counts_our_header_and_quorum_delivery_count():
+def test_attempt_counts_our_header_alone():
+    """A quorum queue's x-delivery-count rises on our own give-backs too: not an attempt."""
     assert attempt_of(None) == 1
     assert attempt_of({"x-speed-attempt": 3}) == 3
-    assert attempt_of({"x-speed-attempt": 2, "x-delivery-count": 1}) == 3
+    assert attempt_of({"x-speed-attempt": 2, "x-delivery-count": 5}) == 2
+    assert attempt_of({"x-delivery-count": 5}) == 1
     assert attempt_of({"x-speed-attempt": "junk"}) == 1
 
 
