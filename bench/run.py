@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from kombu import Connection, Consumer, Queue  # noqa: E402
 
+from speed_gevent.backoff import delay_queue, ladder  # noqa: E402
 from speed_gevent.publish import publish_messages  # noqa: E402
 
 BROKER = os.environ.get("SPEED_GEVENT_BROKER", "amqp://guest:guest@localhost:5672//")
@@ -73,7 +74,8 @@ def drop(queue: str) -> None:
             channel.exchange_delete(queue)  # Celery declares a direct exchange per queue
         except Exception:
             channel = conn.connection.channel()
-        for name in (queue, queue + ".dead", queue + ".DQ", queue + ".XQ"):  # ours, Dramatiq's
+        delays = [delay_queue(queue, step) for step in ladder(1.0, 3600.0)]  # ours, default steps
+        for name in (queue, queue + ".dead", *delays, queue + ".DQ", queue + ".XQ"):  # Dramatiq's last
             try:
                 channel.queue_delete(name)
             except Exception:
@@ -447,10 +449,11 @@ def efficiency_rows(names: list[str], reps: int, count: int, pools: tuple[int, .
 
 @contextmanager
 def cpus_kept_awake() -> Iterator[None]:
-    """One lowest-priority busy loop per CPU, so no CPU sleeps between two messages. A
-    diagnostic: it shows what waking idle (virtual) CPUs costs each extra process hop."""
-    spinners = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
-                for _ in range(os.cpu_count() or 1)]  # fmt: skip
+    """One busy loop per CPU under SCHED_IDLE (it runs only when nothing else wants the
+    CPU, and any waking process preempts it at once), so no CPU sleeps between messages.
+    A diagnostic: it shows what waking idle (virtual) CPUs costs each extra process hop."""
+    spin = "import os; os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\nwhile True: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 1)]
     try:
         yield
     finally:

@@ -13,8 +13,14 @@ from typing import Any
 
 import pytest
 
+from speed_gevent.backoff import delay_queue, ladder
+
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = os.environ.get("SPEED_GEVENT_TEST_BROKER", "amqp://guest:guest@localhost:5672//")
+#: Delay-queue steps (ms) a test run may make, deleted with each test's queues: the
+#: default ladder and the short one the retry tests use (RETRY_OPTIONS).
+RETRY_OPTIONS = ("--retry-delay", "500ms", "--retry-delay-max", "10s")
+TEST_LADDER_STEPS = sorted({*ladder(1.0, 3600.0), *ladder(0.5, 10.0)})
 
 
 def wait_until(
@@ -76,7 +82,8 @@ def queue_names(request: pytest.FixtureRequest) -> Iterator[Callable[[str], str]
     if made and _BROKER_OK:
         from tests.helpers import delete_queues
 
-        delete_queues(made + [name + ".dead" for name in made])
+        delete_queues(made + [name + ".dead" for name in made] + [
+            delay_queue(name, step) for name in made for step in TEST_LADDER_STEPS])  # fmt: skip
 
 
 class Runner:

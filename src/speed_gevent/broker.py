@@ -103,6 +103,7 @@ class BrokerSession:
         on_delivery: Callable[[Delivery], None],
         connect_timeout: float | None = None,
         take_acks: Callable[[], list[Ack]] = list,
+        retry_steps: tuple[int, ...] = (),
     ) -> None:
         self.url = url
         self.masked_url = mask_url(url)
@@ -110,6 +111,8 @@ class BrokerSession:
         self._connect_timeout = connect_timeout
         self._on_delivery = on_delivery
         self._take_acks = take_acks
+        self._retry_steps = retry_steps  #: the delay queues each source queue gets (ms)
+        self._ladders_made: set[str] = set()  #: source queues whose delay queues all exist
         self._ack_timer: Any = None
         self._conn: AmqpConnection | None = None
         self._channel: Any = None
@@ -309,10 +312,13 @@ class BrokerSession:
         return channel
 
     def declare(self, queues: tuple[str, ...], queue_type: str, passive: bool) -> None:
-        """Look at each queue and declare what is missing, each on a channel of its own."""
+        """Look at each queue and declare what is missing, each on a channel of its own,
+        with its dead-letter and delay queues."""
         for queue in queues:
+            steps = () if queue in self._ladders_made else self._retry_steps
             with self._answered(f"the declare of {queue!r}"):
-                ensure_queues(self._conn, (queue,), queue_type, passive)
+                if ensure_queues(self._conn, (queue,), queue_type, passive, retry_steps=steps):
+                    self._ladders_made.add(queue)  # not again at each recovery: 13 queues each
 
     def start_consuming(self, prefetch: dict[str, int]) -> None:
         """Per-consumer prefetch (quorum queues refuse global QoS): basic_qos before each

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .backoff import LONGEST_SUFFIX, MAX_STEP_MS
 from .errors import ConfigError
 from .units import parse_duration, parse_size
 from .urls import check_broker_url
@@ -53,6 +54,12 @@ def _optional_duration(value: object) -> float | None:
         return None
     seconds = parse_duration(value)
     return seconds or None
+
+
+def _duration_or_zero(value: object) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("off", "none"):
+        return 0.0
+    return parse_duration(value)
 
 
 def _positive_duration(value: object) -> float:
@@ -116,13 +123,14 @@ def _name(value: object) -> str:
 
 
 def queue_name(value: object) -> str:
-    """A queue we may consume and declare: not empty, not `amq.*`, short enough for `.dead`."""
+    """A queue we may consume and declare: not empty, not `amq.*`, short enough for the
+    names of its own `.dead` and delay queues."""
     name = str(value)
     if not name.strip():
         raise ValueError("queue name must not be empty")
     if name.startswith("amq."):
         raise ValueError(f"queue name {name!r} starts with 'amq.', which RabbitMQ reserves")
-    if len((name + DEAD_SUFFIX).encode()) > MAX_QUEUE_NAME_BYTES:
+    if len((name + max(DEAD_SUFFIX, LONGEST_SUFFIX, key=len)).encode()) > MAX_QUEUE_NAME_BYTES:
         raise ValueError(f"queue name {name[:40]!r}... is too long")
     return name
 
@@ -194,6 +202,11 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("max-retries", _int_at_least(0), 3, "attempts after the first before dead-lettering",
            metavar="N"),
+    Option("retry-delay", _duration_or_zero, 1.0,
+           "wait before the first retry, doubled for each one after it (0: retry at once)",
+           metavar="DURATION"),
+    Option("retry-delay-max", _positive_duration, 3600.0, "longest wait before a retry",
+           metavar="DURATION"),
     Option("heartbeat", _heartbeat, 30.0, "AMQP heartbeat asked of the broker, whole seconds (0: off)",
            metavar="DURATION"),
     Option("consumer-timeout", _positive_duration, 1800.0,
@@ -203,7 +216,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="DURATION"),
     Option("name", _name, "default", "shown in process titles and stats", metavar="NAME"),
     Option("exit-when-idle", _optional_duration, None,
-           "stop gracefully after no message arrived for this long", metavar="DURATION"),
+           "stop gracefully after no message arrived for this long (a retry we delayed counts "
+           "as one to come)", metavar="DURATION"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level",
            metavar="LEVEL"),
     Option("log-format", _choice("text", "json"), "text", "log format", metavar="text|json"),
@@ -232,6 +246,8 @@ class Settings:
     timeout: float | None
     graceful_timeout: float
     max_retries: int
+    retry_delay: float
+    retry_delay_max: float
     heartbeat: float
     consumer_timeout: float
     connect_timeout: float | None
@@ -317,6 +333,14 @@ def load_settings(
     return _cross_check(target, values, origins)
 
 
+def _refused(name: str, why: str, values: dict[str, Any], origins: dict[str, str]) -> ConfigError:
+    """`--NAME: <why>, got <value> (<where it came from>)`."""
+    option = OPTIONS_BY_NAME[name]
+    value = values[option.attr]
+    shown = f"{value:.10g}s" if isinstance(value, float) else str(value)
+    return ConfigError(f"{option.flag}: {why}, got {shown} ({_source_of(option, origins[option.attr])})")
+
+
 def _cross_check(target: str, values: dict[str, Any], origins: dict[str, str]) -> Settings:
     queue = OPTIONS_BY_NAME["queue"]
     if not values["queue"]:
@@ -327,23 +351,19 @@ def _cross_check(target: str, values: dict[str, Any], origins: dict[str, str]) -
     if values["max_cache"] is None:
         values["max_cache"] = max(queue_count, CACHE_PER_WORKER * values["max_workers"])
     elif values["max_cache"] < queue_count:
-        option = OPTIONS_BY_NAME["max-cache"]
-        raise ConfigError(
-            f"{option.flag}: must be at least the number of queues ({queue_count}), got "
-            f"{values['max_cache']} ({_source_of(option, origins['max_cache'])})"
-        )
+        raise _refused("max-cache", f"must be at least the number of queues ({queue_count})", values, origins)
     if values["min_workers"] > values["max_workers"]:
-        option = OPTIONS_BY_NAME["max-workers"]
-        raise ConfigError(
-            f"{option.flag}: must be at least --min-workers ({values['min_workers']}), got "
-            f"{values['max_workers']} ({_source_of(option, origins['max_workers'])})"
-        )
+        why = f"must be at least --min-workers ({values['min_workers']})"
+        raise _refused("max-workers", why, values, origins)
     if values["timeout"] is not None and values["timeout"] >= values["consumer_timeout"]:
-        option = OPTIONS_BY_NAME["timeout"]
-        raise ConfigError(
-            f"{option.flag}: must be below --consumer-timeout ({values['consumer_timeout']:g}s), "
-            f"or RabbitMQ closes the channel first; got {values['timeout']:g}s "
-            f"({_source_of(option, origins['timeout'])})"
-        )
+        limit = values["consumer_timeout"]
+        why = f"must be below --consumer-timeout ({limit:g}s) or RabbitMQ closes the channel"
+        raise _refused("timeout", why, values, origins)
+    if values["retry_delay_max"] * 1000 > MAX_STEP_MS:
+        why = f"at most {MAX_STEP_MS // 1000}s (RabbitMQ's longest message TTL)"
+        raise _refused("retry-delay-max", why, values, origins)
+    if values["retry_delay"] > values["retry_delay_max"]:
+        why = f"must be at least --retry-delay ({values['retry_delay']:g}s)"
+        raise _refused("retry-delay-max", why, values, origins)
     names = {field.name for field in fields(Settings)}
     return Settings(target=target, **{key: value for key, value in values.items() if key in names})

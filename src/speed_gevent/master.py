@@ -33,6 +33,7 @@ from gevent.pool import Group
 
 from . import actions as act
 from . import earlystop
+from .backoff import ladder
 from .broker import BrokerSession, ConnectionLost
 from .config import Settings, load_settings
 from .delivery import Delivery
@@ -95,6 +96,7 @@ class Master:
             self._on_delivery,
             settings.connect_timeout,
             take_acks=self._router.take_acks,
+            retry_steps=ladder(settings.retry_delay, settings.retry_delay_max),
         )
 
     @classmethod
@@ -543,7 +545,9 @@ class _LinkEvents:
         )
 
     def result(self, worker_id: int, frame: ResultFrame) -> None:
-        failure = failure_from_result(frame.outcome, frame.error_type, frame.error_message, frame.traceback)
+        failure = failure_from_result(
+            frame.outcome, frame.error_type, frame.error_message, frame.traceback, frame.retry_delay
+        )
         now = time.monotonic()
         self._apply(
             self._router.worker_result(worker_id, frame.id, failure, now, frame.started_at, frame.finished_at)

@@ -42,6 +42,7 @@ class Failure:
     message: str = ""
     traceback: str = ""
     exit_status: str = ""
+    retry_delay: float | None = None  #: what the handler's `Retry(delay=...)` asked for
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class Decision:
 ACK = Decision(Action.ACK)
 
 
-def failure_from_result(outcome: int, error_type: str, message: str, traceback: str) -> Failure | None:
+def failure_from_result(
+    outcome: int, error_type: str, message: str, traceback: str, retry_delay: float | None = None
+) -> Failure | None:
     """The failure a worker's result reports, or None when the handler returned."""
     if outcome == Outcome.OK:
         return None
@@ -62,7 +65,7 @@ def failure_from_result(outcome: int, error_type: str, message: str, traceback: 
         Outcome.REJECT: FailureKind.REJECT,
         Outcome.RETRY: FailureKind.RETRY,
     }[Outcome(outcome)]  # the frame codec refuses unknown outcomes
-    return Failure(kind, error_type, message, traceback)
+    return Failure(kind, error_type, message, traceback, retry_delay=retry_delay)
 
 
 def decide(failure: Failure | None, attempt: int, max_retries: int) -> Decision:

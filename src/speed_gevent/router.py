@@ -30,7 +30,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -54,6 +54,7 @@ from .actions import (
     TermWorker,
     WorkerExited,
 )
+from .backoff import delay_queue, ladder, step_after, step_for
 from .cache import MessageCache, Unsettled
 from .delivery import Delivery
 from .patrol import Limits, Retire, RetireReason, SpawnGuard, WorkerView, plan, workers_to_spawn
@@ -119,6 +120,8 @@ class RouterSettings:
     consumer_timeout: float = 1800.0
     exit_when_idle: float | None = None
     max_cache_bytes: int | None = None
+    retry_delay: float = 0.0  #: first step of the retry ladder (0: retries at once)
+    retry_delay_max: float = 3600.0
 
     @classmethod
     def of(cls, settings: Any) -> RouterSettings:
@@ -138,6 +141,8 @@ class _Republish:
     delivery: Delivery
     decision: Decision
     target: str
+    wait_ms: int | None = None  #: a retry's delay step
+    properties: dict[str, Any] = field(default_factory=dict)  #: as published
 
 
 class Router:
@@ -150,6 +155,9 @@ class Router:
         self.retired: Counter[str] = Counter()
         self.guard = SpawnGuard()
         self._cache = MessageCache(settings.max_cache)
+        self._retry_steps = ladder(settings.retry_delay, settings.retry_delay_max)
+        self._retries_due_at = 0.0  #: when the last retry waiting in a delay queue comes back
+        self._warned_no_ladder = False
         self._workers: dict[int, WorkerSlot] = {}
         self._idle: list[int] = []  # a stack: the most recently idle worker is on top
         self._next_worker = 0
@@ -294,6 +302,12 @@ class Router:
         delivery, decision = entry.delivery, entry.decision
         if delivery.generation != self.generation:
             self._open.pop(delivery.id)
+        elif not ok and entry.wait_ms is not None:
+            # Its delay queue is gone (deleted, or never made): retry at once rather than
+            # give it back to fail again at full speed. The queue is made again at start.
+            logger.error("could not republish delivery %s to %r (%s); retrying it at once instead",
+                         delivery.id, entry.target, why)  # fmt: skip
+            self._republish(entry.delivery, entry.decision, delivery.queue, None, entry.properties)
         elif not ok:
             logger.error(
                 "could not republish delivery %s to %r (%s); the original goes back to %r",
@@ -308,6 +322,8 @@ class Router:
             self._log_republished(entry)
             if decision.action is Verdict.RETRY:
                 self.counters.retried += 1
+                if entry.wait_ms is not None:  # work to come: --exit-when-idle waits for it
+                    self._retries_due_at = max(self._retries_due_at, now + entry.wait_ms / 1000)
             else:
                 self.counters.dead_lettered += 1
         self._check_drained(now)
@@ -878,8 +894,10 @@ class Router:
         assert failure is not None
         properties = dict(delivery.properties)
         properties.setdefault("delivery_mode", 2)
+        wait = None
         if decision.action is Verdict.RETRY:
-            target = delivery.queue
+            wait = self._retry_wait(delivery, failure)
+            target = delivery.queue if wait is None else delay_queue(delivery.queue, wait)
             properties["application_headers"] = retry_headers(delivery.headers, delivery.attempt)
         else:
             target = dead_letter_queue(delivery.queue)
@@ -892,9 +910,30 @@ class Router:
                 delivery.routing_key,
                 dt.datetime.now(dt.UTC),
             )
+        self._republish(delivery, decision, target, wait, properties)
+
+    def _republish(
+        self,
+        delivery: Delivery,
+        decision: Decision,
+        target: str,
+        wait: int | None,
+        properties: dict[str, Any],
+    ) -> None:
         self._next_publish += 1
-        self._republishing[self._next_publish] = _Republish(delivery, decision, target)
+        self._republishing[self._next_publish] = _Republish(delivery, decision, target, wait, properties)
         self._out.append(Publish(self._next_publish, target, delivery.body, properties, delivery.id))
+
+    def _retry_wait(self, delivery: Delivery, failure: Failure) -> int | None:
+        """The delay step (ms) before the next attempt: the one the handler asked for,
+        else one step further per failed attempt. None: at once."""
+        if failure.retry_delay is not None:
+            if not self._retry_steps and failure.retry_delay > 0 and not self._warned_no_ladder:
+                self._warned_no_ladder = True
+                logger.warning("a handler asked for Retry(delay=%s) but --retry-delay is 0: retrying at once",
+                               failure.retry_delay)  # fmt: skip
+            return step_for(self._retry_steps, failure.retry_delay)
+        return step_after(self._retry_steps, delivery.attempt)
 
     def _ack(self, delivery: Delivery) -> None:
         self._open.pop(delivery.id)
@@ -921,12 +960,13 @@ class Router:
         assert failure is not None
         if entry.decision.action is Verdict.RETRY:
             logger.warning(
-                "delivery %s from %r failed attempt %d (%s: %s); retrying",
+                "delivery %s from %r failed attempt %d (%s: %s); retrying %s",
                 delivery.id,
                 delivery.queue,
                 delivery.attempt,
                 failure.error_type,
                 failure.message,
+                "at once" if entry.target == delivery.queue else f"through {entry.target!r}",
             )
         else:
             logger.warning(
@@ -1037,7 +1077,7 @@ class Router:
             self._resumed = False
             self._last_delivery_at = now
             return
-        quiet = now - self._last_delivery_at
+        quiet = now - max(self._last_delivery_at, self._retries_due_at)
         if quiet >= limit and not self._cache and not self.busy() and not self._republishing:
             logger.info("no message for %.1fs (--exit-when-idle): stopping", quiet)
             self._stops += 1
@@ -1055,7 +1095,8 @@ class Router:
                 times.append(self._kill_deadline)
         elif self.phase is Phase.RUNNING and self.settings.exit_when_idle and self._consuming:
             limit = self.settings.exit_when_idle
-            times.append(max(self._last_delivery_at + limit, now + min(1.0, limit / 4)))
+            last = max(self._last_delivery_at, self._retries_due_at)
+            times.append(max(last + limit, now + min(1.0, limit / 4)))
         return min(times) if times else None
 
     def _worker_deadlines(self) -> list[float]:

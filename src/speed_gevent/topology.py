@@ -16,9 +16,17 @@ import logging
 import re
 from typing import Any
 
-from amqp.exceptions import AccessRefused, NotAllowed, NotFound, PreconditionFailed, ResourceLocked
+from amqp.exceptions import (
+    AccessRefused,
+    ChannelError,
+    NotAllowed,
+    NotFound,
+    PreconditionFailed,
+    ResourceLocked,
+)
 
 from .amqpconn import close_channel
+from .backoff import delay_queue, delay_queue_arguments, step_label
 from .errors import ConfigError, QueueMissingError
 from .policy import dead_letter_queue
 
@@ -59,9 +67,21 @@ def differing_argument(reply_text: str) -> str:
 
 
 def ensure_queues(
-    connection: Any, queues: tuple[str, ...], queue_type: str, passive: bool, dead_letters: bool = True
-) -> None:
-    """Every source queue (and its dead-letter queue) exists when this returns."""
+    connection: Any,
+    queues: tuple[str, ...],
+    queue_type: str,
+    passive: bool,
+    dead_letters: bool = True,
+    retry_steps: tuple[int, ...] = (),
+) -> bool:
+    """Every source queue and its dead-letter queue exist when this returns, and the
+    delay queues (one per step of `retry_steps`, in ms) as far as they can be made: True
+    if all of them exist.
+
+    `--passive` is about the queues the user names: those must exist. The dead-letter and
+    delay queues are ours: looked at, and declared when missing.
+    """
+    complete = True
     for queue in queues:
         if not queue_exists(connection, queue):
             if passive:
@@ -70,13 +90,37 @@ def ensure_queues(
         dead = dead_letter_queue(queue)
         if dead_letters and not queue_exists(connection, dead):
             _declare_missing(connection, dead, queue_type)
+        complete = _ensure_delay_queues(connection, queue, queue_type, retry_steps) and complete
+    return complete
 
 
-def _declare_missing(connection: Any, queue: str, queue_type: str) -> None:
+def _ensure_delay_queues(connection: Any, source: str, queue_type: str, steps: tuple[int, ...]) -> bool:
+    """One delay queue per step, looked at first (an existing one is taken as it is). A
+    step that cannot be made (no configure permission, its cluster node away) is logged
+    and skipped, never fatal: a retry due there is refused by the broker and goes back to
+    the source queue at once instead."""
+    complete = True
+    for step in steps:
+        name = delay_queue(source, step)
+        try:
+            if not queue_exists(connection, name):
+                arguments = delay_queue_arguments(source, step, queue_type)
+                _declare_missing(connection, name, queue_type, arguments)
+        except (ConfigError, ChannelError) as exc:
+            complete = False
+            logger.warning("delay queue %r is unavailable (%s); retries due there go back at once", name, exc)
+    if steps:
+        logger.debug("delay queues of %r: %s", source, ", ".join(step_label(s) for s in steps))
+    return complete
+
+
+def _declare_missing(
+    connection: Any, queue: str, queue_type: str, arguments: dict[str, Any] | None = None
+) -> None:
     """Declare a queue that was missing when we looked; one that appeared meanwhile with
     arguments of its own (another instance, another application) is taken as it is."""
     try:
-        declare_queue(connection, queue, queue_type)
+        declare_queue(connection, queue, queue_type, arguments)
     except QueueConflict as exc:
         if not queue_exists(connection, queue):
             raise
@@ -99,15 +143,23 @@ def queue_exists(connection: Any, queue: str) -> bool:
         close_channel(channel)
 
 
-def declare_queue(connection: Any, queue: str, queue_type: str) -> None:
-    """Declare one durable queue. A conflict names the argument that differs; a refusal
-    (no configure permission, say) is a configuration error, not an outage to retry."""
+def declare_queue(
+    connection: Any, queue: str, queue_type: str, arguments: dict[str, Any] | None = None
+) -> None:
+    """Declare one durable queue (with `arguments`, else those of `queue_type`). A
+    conflict names the argument that differs; a refusal (no configure permission, say)
+    is a configuration error, not an outage to retry. Declaring a queue that exists with
+    the same arguments changes nothing."""
     channel = connection.channel()
     try:
         channel.queue_declare(
-            queue=queue, durable=True, auto_delete=False, arguments=queue_arguments(queue_type)
+            queue=queue,
+            durable=True,
+            auto_delete=False,
+            arguments=queue_arguments(queue_type) if arguments is None else arguments,
         )
-        logger.info("declared queue %r (%s)", queue, queue_type)
+        if arguments is None:
+            logger.info("declared queue %r (%s)", queue, queue_type)
     except PreconditionFailed as exc:
         raise QueueConflict(queue, differing_argument(exc.reply_text)) from None
     except ResourceLocked as exc:

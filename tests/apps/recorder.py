@@ -3,7 +3,9 @@
 Bodies are JSON objects with an "id" and optional instructions: "fail" (raise),
 "exit" (os._exit mid-message), "hang" (sleep for an hour), "sleep" (seconds), "sleep_first"
 (seconds, unless redelivered), "reject",
-"leak" (keep 5 MB per message), "retry" (raise Retry on the first attempt), "corrupt"
+"leak" (keep 5 MB per message), "retry" (raise Retry on the first attempt), "retry_delay"
+(raise Retry(delay=...) on the first attempt), "fail_attempts" (raise on attempts up to
+that number, after a "fail" record with the time), "corrupt"
 ("outcome" or "huge": on the first attempt, write a bad frame to the master ourselves). Messages
 that exit or hang first write a "start" record, so a test can count deliveries that
 never finish.
@@ -50,12 +52,7 @@ def handle(message) -> None:
     if data.get("corrupt") and message.attempt == 1:
         _write_bad_frame(data["corrupt"])
         time.sleep(30)  # the master kills us for it
-    if data.get("retry") and message.attempt == 1:
-        raise Retry()
-    if data.get("reject"):
-        raise Reject("asked to reject")
-    if data.get("fail"):
-        raise ValueError(f"boom {data['id']}")
+    _fail_if_asked(data, message.attempt)
     _write(
         {
             "id": data["id"],
@@ -63,9 +60,25 @@ def handle(message) -> None:
             "start": started,
             "end": time.time(),
             "attempt": message.attempt,
+            "delivery_count": message.delivery_count,
             "queue": message.queue,
         }
     )
+
+
+def _fail_if_asked(data: dict, attempt: int) -> None:
+    if data.get("retry") and attempt == 1:
+        raise Retry()
+    if data.get("retry_delay") and attempt == 1:
+        _write({"id": data["id"], "event": "fail", "attempt": 1, "at": time.time()})
+        raise Retry(delay=data["retry_delay"])
+    if attempt <= data.get("fail_attempts", 0):
+        _write({"id": data["id"], "event": "fail", "attempt": attempt, "at": time.time()})
+        raise ValueError(f"failing attempt {attempt} of {data['id']}")
+    if data.get("reject"):
+        raise Reject("asked to reject")
+    if data.get("fail"):
+        raise ValueError(f"boom {data['id']}")
 
 
 def _write_bad_frame(kind: str) -> None:

@@ -19,6 +19,7 @@ def test_defaults_with_one_queue():
     assert s.heartbeat == 30.0 and s.graceful_timeout == 30.0 and s.max_retries == 3
     assert s.max_cache == max(1, 16 * s.max_workers)
     assert s.exit_when_idle is None and s.connect_timeout is None
+    assert s.retry_delay == 1.0 and s.retry_delay_max == 3600.0
 
 
 def test_precedence_cli_over_env_over_file_over_default(tmp_path):
@@ -63,6 +64,14 @@ def test_precedence_cli_over_env_over_file_over_default(tmp_path):
         ({"queue": ["a"], "broker": "amqp://u:secret@host:99999//"}, {}, r"--broker: malformed URL .*port"),
         ({"queue": ["a"], "queue-type": "stream"}, {}, r"--queue-type: expected one of classic, quorum"),
         ({"queue": ["a"], "log-level": "loud"}, {}, r"--log-level"),
+        ({"queue": ["a"], "retry-delay": "-1s"}, {}, r"--retry-delay: "),
+        ({"queue": ["a"], "retry-delay-max": "0"}, {}, r"--retry-delay-max: expected a duration above zero"),
+        (
+            {"queue": ["a"], "retry-delay": "10m"},
+            {"SPEED_GEVENT_RETRY_DELAY_MAX": "5m"},
+            r"--retry-delay-max: must be at least --retry-delay \(600s\), got 300s \(from SPEED_GEVENT_RETRY",
+        ),
+        ({"queue": ["a"], "retry-delay-max": "2000h"}, {}, r"--retry-delay-max: at most 4294967s"),
     ],
 )
 def test_bad_values_name_the_option_and_source(cli, env, message):

@@ -179,6 +179,63 @@ def test_a_failed_attempt_is_republished_and_acked_only_after_the_confirm():
     assert w.take_acks() and w.acked == [d.id] and w.router.counters.retried == 1
 
 
+def test_retries_wait_in_delay_queues_one_step_longer_per_attempt():
+    w = world(max_retries=5, retry_delay=1.0, retry_delay_max=4.0)
+    targets = []
+    for attempt in (1, 2, 3, 4):
+        w.arrive(headers={"x-speed-attempt": attempt})
+        w.finish(1, error())
+        (publish,) = w.publishes.values()
+        targets.append(publish.routing_key)
+        assert publish.properties["application_headers"]["x-speed-attempt"] == attempt + 1
+        w.confirm(publish.publish_id)
+        w.take_acks()
+    assert targets == ["q.retry.1s", "q.retry.2s", "q.retry.4s", "q.retry.4s"]
+    assert w.router.counters.retried == 4
+
+
+def test_a_delay_the_handler_asks_for_takes_the_nearest_step_at_or_above():
+    w = world(retry_delay=1.0, retry_delay_max=60.0)
+    targets = []
+    for asked in (3.0, 0.2, 0.0, 500.0):
+        w.arrive()
+        w.finish(1, Failure(FailureKind.RETRY, "Retry", "", retry_delay=asked))
+        (publish,) = w.publishes.values()
+        targets.append(publish.routing_key)
+        w.confirm(publish.publish_id)
+        w.take_acks()
+    assert targets == ["q.retry.4s", "q.retry.1s", "q", "q.retry.1m"]
+
+
+def test_a_retry_its_delay_queue_refuses_goes_back_to_the_source_queue_at_once():
+    """The delay queue was deleted under us: the broker returns the republish. Giving the
+    original back would fail it again at full speed; it is retried at once instead."""
+    w = world(retry_delay=1.0)
+    d = w.arrive()
+    w.finish(1, error())
+    (first,) = w.publishes.values()
+    assert first.routing_key == "q.retry.1s"
+    w.confirm(first.publish_id, ok=False)
+    assert w.rejected == [] and w.take_acks() == []
+    (second,) = [p for p in w.publishes.values() if p.publish_id != first.publish_id]
+    assert second.routing_key == "q" and second.properties["application_headers"]["x-speed-attempt"] == 2
+    w.confirm(second.publish_id)
+    w.take_acks()
+    assert w.acked == [d.id] and w.router.counters.retried == 1
+
+
+def test_exit_when_idle_waits_for_the_retries_it_delayed():
+    w = world(exit_when_idle=1.0, retry_delay=5.0, retry_delay_max=5.0)
+    w.arrive()
+    w.finish(1, error())
+    (publish_id,) = w.publishes
+    w.confirm(publish_id)
+    w.advance(4.0)
+    assert w.router.phase is Phase.RUNNING, "the retry comes back in 5 s"
+    w.advance(2.5)
+    assert w.router.phase is Phase.DRAINING
+
+
 def test_the_last_attempt_is_dead_lettered_with_the_reason():
     w = world(max_retries=1)
     d = w.arrive(headers={"x-speed-attempt": 2})
