@@ -52,9 +52,9 @@ def step_for(steps: tuple[int, ...], seconds: float) -> int | None:
     above it, the cap at most. None (at once) for no delay, or when there is no ladder."""
     if not steps or not seconds > 0:  # also NaN: a handler's own arithmetic
         return None
-    if math.isinf(seconds):
+    wanted = seconds * 1000
+    if not math.isfinite(wanted) or wanted >= steps[-1]:  # 1e306 s overflows to inf
         return steps[-1]
-    wanted = math.ceil(seconds * 1000)
     return next((step for step in steps if step >= wanted), steps[-1])
 
 

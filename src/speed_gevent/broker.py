@@ -140,6 +140,7 @@ class BrokerSession:
         """Open the connection and channel (BrokerError if refused, OSError if unreachable)."""
         conn = open_connection(self.url, self._heartbeat, self._attempt_timeout(), self.masked_url)
         self._conn = conn
+        self._ladders_made.clear()  # a broker that came back empty needs its delay queues again
         self.generation += 1
         try:
             with self._answered("channel.open"):

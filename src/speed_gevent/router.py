@@ -322,8 +322,8 @@ class Router:
             self._log_republished(entry)
             if decision.action is Verdict.RETRY:
                 self.counters.retried += 1
-                if entry.wait_ms is not None:  # work to come: --exit-when-idle waits for it
-                    self._retries_due_at = max(self._retries_due_at, now + entry.wait_ms / 1000)
+                due = now + (entry.wait_ms or 0) / 1000  # work to come: --exit-when-idle waits
+                self._retries_due_at = max(self._retries_due_at, due)
             else:
                 self.counters.dead_lettered += 1
         self._check_drained(now)

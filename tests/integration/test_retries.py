@@ -78,10 +78,11 @@ def test_each_retry_waits_one_step_longer_than_the_last(
 
 def test_a_delay_the_handler_asks_for_takes_the_next_step_up(run_recorder, queue_names, tmp_path, tally):
     """Retry(delay=1.5) with steps of 500ms, 1s, 2s...: it waits in the 2s queue. The idle
-    stop (1s) waits for the retry it scheduled instead of leaving it behind."""
+    stop (1.5s, shorter than the wait) waits for the retry it scheduled instead of leaving
+    it behind."""
     queue, record = queue_names(), tmp_path / "rec"
     publish_ids(queue, [1, 2], extra={1: {"retry_delay": 1.5}})
-    runner = run_recorder(queue, "--max-workers", "1", *RETRY_OPTIONS, "--exit-when-idle", "3s",
+    runner = run_recorder(queue, "--max-workers", "1", *RETRY_OPTIONS, "--exit-when-idle", "1.5s",
                           record=record)  # fmt: skip
     assert runner.wait(60) == 0, runner.output()[-3000:]
     handled, began = handled_ids(record), starts(record)

@@ -66,6 +66,7 @@ def test_no_delay_asked_is_a_retry_at_once_and_odd_floats_never_raise():
     assert step_for(steps, 0) is None and step_for(steps, -5) is None
     assert step_for(steps, float("nan")) is None
     assert step_for(steps, float("inf")) == steps[-1]
+    assert step_for(steps, 1e306) == steps[-1] and step_for(steps, 1.7e308) == steps[-1]
 
 
 def test_labels_are_exact():
