@@ -40,6 +40,7 @@ from amqp.transport import TCPTransport
 from .actions import Ack
 from .amqpconn import close_channel, drop_connection, open_connection
 from .amqpframes import METHOD, PROPERTIES_OFFSET, DeliverArgs, TakenDelivery, split_frames, take_delivery
+from .confirms import Confirm, Confirms
 from .delivery import Delivery
 from .doorbell import Doorbell
 from .errors import BrokerError, ConfigError, SpeedGeventError
@@ -69,10 +70,6 @@ ANSWER_INTERVALS = 2.0
 ANSWER_TIMEOUT_NO_HEARTBEAT = 60.0
 #: A channel.close from the broker: py-amqp answers and reopens the channel, waiting.
 CHANNEL_CLOSE = b"\x00\x14\x00\x28"
-#: Header carrying our confirm sequence number, to match basic.return to its publish.
-PUBLISH_SEQ_HEADER = "x-speed-publish-seq"
-
-Confirm = Callable[[bool, str], None]
 
 
 #: Longest one connect and handshake may take, in seconds (at most --connect-timeout).
@@ -121,9 +118,7 @@ class BrokerSession:
         self._queue_of: dict[str, str] = {}
         self._outbox: deque[tuple[Any, ...]] = deque()
         self._wake = Doorbell()
-        self._publish_seq = 0
-        self._confirms: dict[int, tuple[Confirm, str]] = {}
-        self._returned: dict[int, str] = {}
+        self._confirms = Confirms()
         self._closing = False
         self._aborting = False
         self._cancelled: list[str] = []  # queues whose consumer the broker cancelled
@@ -298,7 +293,6 @@ class BrokerSession:
         self._cancelled.clear()
         self._outbox.clear()
         self._confirms.clear()
-        self._returned.clear()
         self._queue_of.clear()
 
     def _open_channel(self) -> Any:
@@ -309,7 +303,7 @@ class BrokerSession:
         channel.events["basic_ack"].add(self._on_confirm_ack)
         channel.events["basic_nack"].add(self._on_confirm_nack)
         channel.events["basic_return"].add(self._on_return)
-        self._publish_seq = 0
+        self._confirms.clear()
         return channel
 
     def declare(self, queues: tuple[str, ...], queue_type: str, passive: bool) -> None:
@@ -636,39 +630,25 @@ class BrokerSession:
     def _publish(
         self, routing_key: str, body: bytes, properties: dict[str, Any], on_confirm: Confirm
     ) -> None:
-        self._publish_seq += 1
-        seq = self._publish_seq
-        headers = dict(properties.get("application_headers") or {})
-        headers[PUBLISH_SEQ_HEADER] = seq
-        message = AmqpMessage(body, **{**properties, "application_headers": headers})
-        self._confirms[seq] = (on_confirm, routing_key)
-        self._channel.basic_publish(message, exchange="", routing_key=routing_key, mandatory=True)
-
-    def _settle_confirms(self, tag: int, multiple: bool, ok: bool) -> None:
-        seqs = [s for s in self._confirms if s <= tag] if multiple else [tag]
-        for seq in seqs:
-            entry = self._confirms.pop(seq, None)
-            if entry is None:
-                continue
-            callback, routing_key = entry
-            returned = self._returned.pop(seq, None)
-            if returned is not None:
-                callback(False, f"queue {routing_key!r} did not take it: {returned}")
-            elif not ok:
-                callback(False, "the broker nacked it")
-            else:
-                callback(True, "")
+        headers = properties.get("application_headers")
+        self._confirms.published(routing_key, body, headers, on_confirm)
+        self._channel.basic_publish(
+            AmqpMessage(body, **properties), exchange="", routing_key=routing_key, mandatory=True
+        )
 
     def _on_confirm_ack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle_confirms(delivery_tag, multiple, True)
+        for on_confirm, ok, why in self._confirms.settled(delivery_tag, multiple, True):
+            on_confirm(ok, why)
 
     def _on_confirm_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle_confirms(delivery_tag, multiple, False)
+        for on_confirm, ok, why in self._confirms.settled(delivery_tag, multiple, False):
+            on_confirm(ok, why)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
-        seq = (message.properties.get("application_headers") or {}).get(PUBLISH_SEQ_HEADER)
-        if isinstance(seq, int):
-            self._returned[seq] = str(exc)
+        body, _ = _as_bytes(message.body, None)
+        headers = message.properties.get("application_headers")
+        if self._confirms.returned(routing_key, body, headers, str(exc)) is None:
+            logger.warning("the broker returned a message to %r that matches no publish of ours", routing_key)
 
 
 def _as_bytes(body: Any, encoding: Any) -> tuple[bytes, str | None]:

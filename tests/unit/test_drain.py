@@ -43,7 +43,7 @@ def deliver(tag: int, body: bytes, frame_max: int, consumer_tag: str = "ctag") -
 
 def returned(body: bytes) -> bytes:
     method = frame(1, 1, struct.pack(">HH", 60, 50) + dumps("Bsss", (312, "NO_ROUTE", "", "nowhere")))
-    return method + content(1, body, 1000, application_headers={"x-speed-publish-seq": 1})
+    return method + content(1, body, 1000, application_headers={"origin": "test"})
 
 
 events = st.lists(
