@@ -86,3 +86,37 @@ def delay_queue_arguments(source: str, ms: int, queue_type: str) -> dict[str, An
             "x-overflow": "reject-publish",
         })  # fmt: skip
     return arguments
+
+
+#: A message whose republish the broker refused waits this long before it goes back to
+#: its queue, doubling with each refusal in a row, up to REFUSAL_MAX (seconds).
+REFUSAL_FIRST = 1.0
+REFUSAL_MAX = 60.0
+
+
+class RefusalBackoff:
+    """When to give back a message whose retry or dead letter the broker refused (its
+    queue deleted, full, or a policy against it): never at once, which would redeliver,
+    fail and refuse it again at full speed. Kept per target queue; a publish the broker
+    takes starts that queue's wait again from the first. Refusals that come while a wait
+    is running share its end, so a burst of them counts as one."""
+
+    def __init__(self, first: float = REFUSAL_FIRST, cap: float = REFUSAL_MAX) -> None:
+        self._first, self._cap = first, cap
+        self._waits: dict[str, tuple[int, float]] = {}  #: target -> (refusals in a row, until)
+
+    def refused(self, target: str, now: float) -> float:
+        """The time to give the message back at: after `now`, unless a running wait ends sooner."""
+        streak, until = self._waits.get(target, (0, now))
+        if now < until:
+            return until
+        streak = min(streak + 1, 64)
+        until = now + min(math.ldexp(self._first, streak - 1), self._cap)
+        self._waits[target] = (streak, until)
+        return until
+
+    def accepted(self, target: str) -> None:
+        self._waits.pop(target, None)
+
+    def refusals_in_a_row(self, target: str) -> int:
+        return self._waits.get(target, (0, 0.0))[0]

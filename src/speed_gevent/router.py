@@ -54,7 +54,7 @@ from .actions import (
     TermWorker,
     WorkerExited,
 )
-from .backoff import delay_queue, ladder, step_after, step_for
+from .backoff import RefusalBackoff, delay_queue, ladder, step_after, step_for
 from .cache import MessageCache, Unsettled
 from .delivery import Delivery
 from .patrol import Limits, Retire, RetireReason, SpawnGuard, WorkerView, plan, workers_to_spawn
@@ -167,6 +167,9 @@ class Router:
         self._resumed = False
         self._republishing: dict[int, _Republish] = {}
         self._next_publish = 0
+        self._refusals = RefusalBackoff()
+        #: deliveries whose republish was refused, with when they go back to the broker
+        self._held_back: list[tuple[float, Delivery]] = []
         self._tracker = AckTracker()
         self._finished: list[int] = []  # tags of this generation to ack, not taken yet
         #: finished acks that go out at once rather than after the short ack delay
@@ -244,6 +247,9 @@ class Router:
         for entry in self._republishing.values():
             self._open.pop(entry.delivery.id)
         self._republishing.clear()
+        for _, delivery in self._held_back:
+            self._open.pop(delivery.id)
+        self._held_back.clear()
         self._finished = []
         self.generation = -abs(self.generation) - 1  # no channel until channel_opened
         self._consuming = False  # no message can come: the idle clock waits for `consuming`
@@ -309,15 +315,9 @@ class Router:
                          delivery.id, entry.target, why)  # fmt: skip
             self._republish(entry.delivery, entry.decision, delivery.queue, None, entry.properties)
         elif not ok:
-            logger.error(
-                "could not republish delivery %s to %r (%s); the original goes back to %r",
-                delivery.id,
-                entry.target,
-                why,
-                delivery.queue,
-            )
-            self._give_back(delivery)
+            self._refused(entry, why, now)
         else:
+            self._refusals.accepted(entry.target)
             self._ack(delivery)
             self._log_republished(entry)
             if decision.action is Verdict.RETRY:
@@ -598,6 +598,7 @@ class Router:
         """The timer set by the last `SetTimer` fired: handler timeouts, deliveries near the
         consumer timeout, the graceful-stop deadline, --exit-when-idle."""
         self._timer_at = None
+        self._release_held_back(now)
         self._kill_overdue_handlers(now)
         self._warn_late_handlers(now)
         self._expire_cache(now)
@@ -892,8 +893,7 @@ class Router:
             self._ack(delivery)
             return
         assert failure is not None
-        properties = dict(delivery.properties)
-        properties.setdefault("delivery_mode", 2)
+        properties = dict(delivery.properties)  # the sender's delivery mode, kept as sent
         wait = None
         if decision.action is Verdict.RETRY:
             wait = self._retry_wait(delivery, failure)
@@ -901,6 +901,9 @@ class Router:
             properties["application_headers"] = retry_headers(delivery.headers, delivery.attempt)
         else:
             target = dead_letter_queue(delivery.queue)
+            # A dead letter waits for a person: the sender's TTL would drop it unseen
+            # (RabbitMQ's own dead-lettering removes it too).
+            expiration = properties.pop("expiration", None)
             properties["application_headers"] = dead_letter_headers(
                 delivery.headers,
                 failure,
@@ -910,6 +913,8 @@ class Router:
                 delivery.routing_key,
                 dt.datetime.now(dt.UTC),
             )
+            if expiration is not None:
+                properties["application_headers"]["x-speed-original-expiration"] = expiration
         self._republish(delivery, decision, target, wait, properties)
 
     def _republish(
@@ -923,6 +928,35 @@ class Router:
         self._next_publish += 1
         self._republishing[self._next_publish] = _Republish(delivery, decision, target, wait, properties)
         self._out.append(Publish(self._next_publish, target, delivery.body, properties, delivery.id))
+
+    def _refused(self, entry: _Republish, why: str, now: float) -> None:
+        """The broker did not take a retry or dead letter: the original goes back to its
+        queue unacked, its attempt unchanged, after a wait that grows while refusals go on."""
+        delivery = entry.delivery
+        self.counters.refused += 1
+        due = self._refusals.refused(entry.target, now)
+        if self.phase is not Phase.RUNNING:
+            due = now  # stopping: nothing here will try it again
+        logger.error(
+            "the broker refused %s of delivery %s to %r (%s; %d in a row); it goes back to %r in %.0fs",
+            "the retry" if entry.decision.action is Verdict.RETRY else "the dead letter",
+            delivery.id, entry.target, why, self._refusals.refusals_in_a_row(entry.target),
+            delivery.queue, due - now,
+        )  # fmt: skip
+        if due <= now:
+            self._give_back(delivery)
+        else:
+            self._held_back.append((due, delivery))
+            self._arm(due)
+
+    def _release_held_back(self, now: float, everything: bool = False) -> None:
+        keep = []
+        for due, delivery in self._held_back:
+            if everything or due <= now:
+                self._give_back(delivery)
+            else:
+                keep.append((due, delivery))
+        self._held_back = keep
 
     def _retry_wait(self, delivery: Delivery, failure: Failure) -> int | None:
         """The delay step (ms) before the next attempt: the one the handler asked for,
@@ -1078,7 +1112,8 @@ class Router:
             self._last_delivery_at = now
             return
         quiet = now - max(self._last_delivery_at, self._retries_due_at)
-        if quiet >= limit and not self._cache and not self.busy() and not self._republishing:
+        waiting = self._cache or self.busy() or self._republishing or self._held_back
+        if quiet >= limit and not waiting:
             logger.info("no message for %.1fs (--exit-when-idle): stopping", quiet)
             self._stops += 1
             self._begin_drain(now)
@@ -1088,6 +1123,8 @@ class Router:
         waiting = [d.received_at for d in self._cache.peek_all()]
         if waiting:
             times.append(min(waiting) + self._cache_age_limit())
+        if self._held_back:
+            times.append(min(due for due, _ in self._held_back))
         if self.phase is Phase.DRAINING:
             if not self._immediate and self._drain_deadline is not None:
                 times.append(self._drain_deadline)
@@ -1131,6 +1168,7 @@ class Router:
         self._out.append(CancelConsumers())
         for delivery in self._cache.drain():
             self._give_back(delivery)
+        self._release_held_back(now, everything=True)
         for worker in list(self._workers.values()):
             if not worker.held:
                 self._stop_worker(worker)
@@ -1184,7 +1222,7 @@ class Router:
         self._kill_deadline = now + STOP_GRACE  # the deadline moves on: never armed in the past
 
     def _check_drained(self, now: float) -> None:
-        if self.phase is not Phase.DRAINING or self._workers or self._republishing:
+        if self.phase is not Phase.DRAINING or self._workers or self._republishing or self._held_back:
             return
         self.phase = Phase.STOPPED
         self._out.append(Drained("immediate" if self._immediate else "graceful"))
@@ -1200,6 +1238,7 @@ class Router:
                 "bytes_held": self._open.bytes,
                 "paused": self._paused,
                 "pauses": self._pauses,
+                "held_back": len(self._held_back),  #: refused republishes waiting to go back
             },
             "pool": {
                 "min_workers": self.settings.min_workers,

@@ -15,6 +15,7 @@ class Counters:
     retried: int = 0
     dead_lettered: int = 0
     requeued: int = 0
+    refused: int = 0  #: retries and dead letters the broker did not take (given back later)
     crashes: int = 0
     spawned: int = 0
     first_delivery_at: float | None = None
@@ -36,5 +37,6 @@ def summary_line(counters: Counters, elapsed: float, how: str) -> str:
         f"stopped ({how}) after {elapsed:.1f}s: received {counters.received}, handled "
         f"{counters.handled} (failed {counters.failed}), acked {counters.acked}, retried "
         f"{counters.retried}, dead-lettered {counters.dead_lettered}, requeued {counters.requeued}, "
+        f"refused {counters.refused}, "
         f"worker crashes {counters.crashes}; {rate:.0f} msg/s over {busy:.1f}s; per worker {workers}"
     )

@@ -62,6 +62,7 @@ def handle(message) -> None:
             "attempt": message.attempt,
             "delivery_count": message.delivery_count,
             "queue": message.queue,
+            "headers": sorted(message.headers),
         }
     )
 

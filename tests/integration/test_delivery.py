@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from speed_gevent.publish import publish_messages
 from tests.conftest import BROKER, ROOT, wait_until
 from tests.helpers import (
     alive,
@@ -31,6 +32,12 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(180)
+
+DEAD_LETTER_HEADERS = {
+    "x-speed-attempt", "x-speed-reason", "x-speed-error-type", "x-speed-error-message", "x-speed-traceback",
+    "x-speed-origin-queue", "x-speed-origin-exchange", "x-speed-origin-routing-key", "x-speed-failed-at",
+    "x-speed-exit-status", "x-speed-original-expiration",
+}  # fmt: skip
 
 
 def rate_from(output: str) -> str:
@@ -141,8 +148,6 @@ def test_failures_are_dead_lettered_with_their_story(run_recorder, queue_names, 
     assert runner.wait(60) == 0, runner.output()[-3000:]
     dead = {}
     for msg in get_all(queue + ".dead"):
-        import json
-
         dead[json.loads(msg.body)["id"]] = msg.properties["application_headers"]
     assert set(dead) == raising | exiting | rejected
     handled = handled_ids(record)
@@ -158,18 +163,31 @@ def test_failures_are_dead_lettered_with_their_story(run_recorder, queue_names, 
     assert ready_count(queue) == 0
 
 
-def test_retries_then_dead_letter(run_recorder, queue_names, tmp_path):
+def test_retries_then_dead_letter_as_the_sender_sent_it(run_recorder, queue_names, tmp_path):
     queue = queue_names()
-    publish_ids(queue, [1, 2], extra={1: {"fail": True}})
+    # Transient and with a TTL: the dead letter stays transient and loses only the TTL.
+    sent = {"delivery_mode": 1, "expiration": "600000", "message_id": "m1", "content_type": "text/json"}
+    publish_messages(BROKER, queue, [json.dumps({"id": 1, "fail": True}).encode()], properties=sent)
+    publish_ids(queue, [2, 3], extra={3: {"fail_attempts": 1}})
     record = tmp_path / "rec"
     runner = run_recorder(
-        queue, "--max-workers", "1", "--max-retries", "2", "--exit-when-idle", "2s", record=record
-    )
+        queue, "--max-workers", "1", "--max-retries", "2", "--retry-delay", "0", "--exit-when-idle", "2s",
+        record=record,
+    )  # fmt: skip
     assert runner.wait(60) == 0
     dead = get_all(queue + ".dead")
-    assert len(dead) == 1 and dead[0].properties["application_headers"]["x-speed-attempt"] == 3
-    assert handled_ids(record) == {2: 1}
-    assert "retried 2, dead-lettered 1" in runner.output()
+    assert len(dead) == 1 and json.loads(dead[0].body) == {"id": 1, "fail": True}
+    properties, headers = dead[0].properties, dead[0].properties["application_headers"]
+    assert headers["x-speed-attempt"] == 3 and headers["x-speed-original-expiration"] == "600000"
+    assert "expiration" not in properties
+    assert (properties["delivery_mode"], properties["message_id"]) == (1, "m1")
+    assert properties["content_type"] == "text/json"
+    # Our bookkeeping stays out of what users see: only the attempt and the story.
+    assert all(not name.startswith("x-speed-") or name in DEAD_LETTER_HEADERS for name in headers), headers
+    assert handled_ids(record) == {2: 1, 3: 1}
+    retried = [r for r in read_records(record) if r["id"] == 3 and "event" not in r]
+    assert retried[0]["attempt"] == 2 and retried[0]["headers"] == ["x-speed-attempt"]
+    assert "retried 3, dead-lettered 1" in runner.output()
 
 
 def test_second_signal_stops_at_once_and_returns_the_message(run_cli, queue_names, tmp_path):

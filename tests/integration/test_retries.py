@@ -9,13 +9,16 @@ import json
 import signal
 
 import pytest
+from kombu import Connection
 
 from speed_gevent.backoff import delay_queue
-from tests.conftest import RETRY_OPTIONS, wait_until
+from speed_gevent.publish import publish_messages
+from tests.conftest import BROKER, RETRY_OPTIONS, wait_until
 from tests.helpers import (
     delete_queues,
     get_all,
     handled_ids,
+    ids_in,
     publish_ids,
     rabbitmqctl,
     read_records,
@@ -176,3 +179,39 @@ def test_a_delay_queue_deleted_under_us_sends_its_retries_back_at_once(
     assert handled_ids(record) == {1: 1, 2: 1} and len(failed) == 1
     assert "retrying it at once instead" in runner.output()
     assert "retried 1," in runner.output()
+
+
+def test_a_dead_letter_the_broker_refuses_goes_back_after_a_wait_that_grows(
+    run_recorder, queue_names, tmp_path, tally
+):
+    """`.dead` deleted under us: the broker returns each dead letter. The original goes
+    back to its queue after 1 s, then 2 s, ... (not at once: that would spin), with its
+    attempt unchanged; once `.dead` is back, the next dead letter lands."""
+    queue, record = queue_names(), tmp_path / "rec"
+    publish_ids(queue, [1])
+    runner = run_recorder(queue, "--max-workers", "1", "--max-retries", "0", record=record)
+    wait_until(lambda: handled_ids(record) == {1: 1}, 30, message="consuming, .dead made")
+    delete_queues([queue + ".dead"])
+    body = json.dumps({"id": 2, "fail_attempts": 99}).encode()
+    publish_messages(BROKER, queue, [body], declare_dead=False)
+
+    def failures() -> list[dict]:
+        return [r for r in read_records(record) if r.get("event") == "fail"]
+
+    wait_until(lambda: len(failures()) >= 3, 30, message="three refusals")
+    with Connection(BROKER) as conn:
+        conn.default_channel.queue_declare(queue + ".dead", durable=True)
+    wait_until(lambda: ready_count(queue + ".dead") == 1, 30, message="the dead letter landed")
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(30) == 0, runner.output()[-3000:]
+    attempts = failures()
+    assert {r["attempt"] for r in attempts} == {1}, "a refusal is not an attempt"
+    times = sorted(r["at"] for r in attempts)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert len(times) == 4, times
+    assert gaps[0] >= 1.0 - EARLY and gaps[1] >= 2.0 - EARLY and gaps[2] >= 4.0 - EARLY, gaps
+    dead = ids_in(queue + ".dead")
+    tally([1, 2], handled_ids(record), dead=dead, queued=[])
+    assert dead == [2] and handled_ids(record) == {1: 1}
+    assert "refused 3," in runner.output() and "dead-lettered 1," in runner.output()
+    assert runner.output().count("the broker refused the dead letter of delivery") == 3

@@ -17,6 +17,7 @@ Used by the router's scenario tests and by its property test. The checks raise
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,6 +333,15 @@ class World:
 
     def tick(self) -> None:
         self.feed(self.router.tick(self.now))
+
+    def advance_until(self, done: Callable[[], bool], limit: float, step: float = 0.1) -> None:
+        """Move the clock to each timer in turn (or by `step` with none set) until `done()`;
+        a Violation after `limit` seconds."""
+        start = self.now
+        while not done():
+            if self.now - start > limit:
+                raise Violation(f"not done after {limit}s")
+            self.advance(self.timer - self.now if self.timer is not None and self.timer > self.now else step)
 
     # -- views --------------------------------------------------------------------------------
 

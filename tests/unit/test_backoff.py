@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from speed_gevent.backoff import (
     MAX_STEPS,
+    RefusalBackoff,
     delay_queue,
     delay_queue_arguments,
     ladder,
@@ -80,3 +81,34 @@ def test_a_delay_queue_leads_back_to_its_source_and_on_quorum_at_least_once():
     quorum = delay_queue_arguments("jobs", 2000, "quorum")
     assert quorum["x-dead-letter-strategy"] == "at-least-once" and quorum["x-overflow"] == "reject-publish"
     assert quorum["x-queue-type"] == "quorum"
+
+
+refusal_events = st.lists(st.tuples(st.sampled_from(["a.dead", "b.dead"]), st.floats(0, 30), st.booleans()))
+
+
+@given(refusal_events)
+def test_a_refused_message_never_goes_back_at_once_and_waits_at_most_the_cap(events):
+    backoff = RefusalBackoff(first=1.0, cap=60.0)
+    now = 0.0
+    for target, later, accepted in events:
+        now += later
+        if accepted:
+            backoff.accepted(target)
+            assert backoff.refusals_in_a_row(target) == 0
+            continue
+        before = backoff.refusals_in_a_row(target)
+        due = backoff.refused(target, now)
+        assert now < due <= now + 60.0
+        assert backoff.refusals_in_a_row(target) in (before, before + 1)
+
+
+def test_refusals_in_a_row_double_the_wait_and_a_burst_counts_once():
+    backoff = RefusalBackoff(first=1.0, cap=5.0)
+    assert backoff.refused("q.dead", 0.0) == 1.0
+    assert backoff.refused("q.dead", 0.5) == 1.0  # the same burst
+    assert backoff.refused("q.dead", 1.0) == 3.0
+    assert backoff.refused("q.dead", 3.0) == 7.0
+    assert backoff.refused("q.dead", 7.0) == 12.0  # the cap
+    assert backoff.refused("other.dead", 7.0) == 8.0
+    backoff.accepted("q.dead")
+    assert backoff.refused("q.dead", 20.0) == 21.0

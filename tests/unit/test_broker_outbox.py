@@ -86,7 +86,7 @@ def test_other_greenlets_only_queue_their_acks():
 
 
 def test_rejects_queued_before_are_written_before_a_multiple_ack():
-    """Tag 1's republish is refused, so it goes back (reject); tag 2 finished. The router
+    """Tag 1's republish is refused, so it goes back (reject) after a wait; tag 2 finished. The router
     plans one multiple-ack up to 2, which passes over 1: that is only safe because the
     reject is written first. Written the other way round, the ack would ack message 1."""
     from speed_gevent.policy import Failure, FailureKind
@@ -102,7 +102,8 @@ def test_rejects_queued_before_are_written_before_a_multiple_ack():
     failed = router.worker_result(spawn.worker_id, 1, Failure(FailureKind.ERROR, "E", "boom"), 0.0)
     (publish,) = [a for a in failed if a.__class__.__name__ == "Publish"]
     router.worker_result(spawn.worker_id, 2, None, 0.0)
-    for action in router.publish_done(publish.publish_id, False, "refused", 0.0):
+    given_back = router.publish_done(publish.publish_id, False, "refused", 0.0) + router.tick(1.0)
+    for action in given_back:  # after the refusal's wait
         if isinstance(action, Reject):
             session.reject(action.delivery)
     session._run_outbox()

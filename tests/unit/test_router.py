@@ -248,13 +248,40 @@ def test_the_last_attempt_is_dead_lettered_with_the_reason():
     assert w.acked == [d.id] and w.router.counters.dead_lettered == 1
 
 
-def test_a_refused_republish_gives_the_original_back():
-    w = world()
-    d = w.arrive()
-    w.finish(1, error())
-    (publish_id,) = w.publishes
-    w.confirm(publish_id, ok=False)
-    assert w.rejected == [d.id] and w.take_acks() == []
+def test_a_refused_republish_gives_the_original_back_after_a_wait_that_grows():
+    """A deleted .dead queue: giving the original back at once would redeliver, fail
+    and refuse it again at full speed. It waits 1 s, then 2 s, ...; a dead letter the
+    broker takes starts the wait again from 1 s. The attempt number never moves."""
+    w = world(max_retries=0)
+    waits = []
+    for ok in (False, False, False, True, False):
+        d = w.arrive(headers={"x-speed-attempt": 1})
+        w.finish(1, error())
+        (publish,) = [p for p in w.publishes.values() if p.delivery_id == d.id]
+        assert publish.properties["application_headers"]["x-speed-attempt"] == 1
+        w.confirm(publish.publish_id, ok=ok)
+        if ok:
+            continue
+        start = w.now
+        assert w.rejected[-1:] != [d.id], "given back at once"
+        w.advance_until(lambda d=d: w.rejected[-1:] == [d.id], limit=120.0)
+        waits.append(round(w.now - start, 1))
+    assert waits == [1.0, 2.0, 4.0, 1.0]
+    assert w.router.counters.refused == 4 and w.router.counters.dead_lettered == 1
+
+
+def test_refusals_in_a_burst_share_one_wait_and_a_stop_gives_them_back_at_once():
+    w = world(max_workers=3, max_retries=0)
+    w.ready_all()
+    ids = [w.arrive().id for _ in range(3)]
+    while any(w.holding().values()):
+        w.finish(next(worker for worker, held in w.holding().items() if held), error())
+    for publish_id in list(w.publishes):
+        w.confirm(publish_id, ok=False)
+    assert w.rejected == [] and w.router.snapshot(w.now)["cache"]["held_back"] == 3
+    w.advance(0.5)
+    w.feed(w.router.stop(w.now))
+    assert sorted(w.rejected) == sorted(ids)
 
 
 def test_a_message_the_master_cannot_frame_is_dead_lettered_not_sent():
