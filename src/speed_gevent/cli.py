@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import __version__, earlystop
@@ -75,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
     body.add_argument("--file", help="send this file's bytes as the body")
     pub.add_argument("--queue-type", choices=("classic", "quorum"), default="classic")
     pub.add_argument("--passive", action="store_true", help="the queue must already exist")
+
+    rep = commands.add_parser(
+        "replay",
+        help="move dead letters back to the queue they failed in",
+        description="Move dead letters back to their origin queue, one at a time, confirmed: "
+        "an interruption duplicates at most one message and loses none. Our x-speed-* headers "
+        "are removed, so the attempt starts again at 1.",
+    )
+    rep.add_argument("dead_queue", metavar="DEAD_QUEUE", help="e.g. orders.dead")
+    rep.add_argument("-b", "--broker", default=os.environ.get(ENV_PREFIX + "BROKER", OPTIONS[0].default))
+    rep.add_argument("--to", metavar="QUEUE", help="send them here instead of their origin queue")
+    rep.add_argument("--count", type=int, help="replay at most this many (default: all there are)")
     return parser
 
 
@@ -88,16 +101,19 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         earlystop.release()
         if earlystop.received():  # 128 + the signal, as if it had not been caught
-            return _fail(128 + earlystop.received()[0], "interrupted before anything was published")
-        return _publish(args)
+            return _fail(128 + earlystop.received()[0], f"interrupted before the {args.command} began")
+        try:
+            return _replay(args) if args.command == "replay" else _publish(args)
+        except OSError as exc:  # unreachable, refused, reset: the broker, not us
+            return _fail(ExitCode.BROKER, f"cannot reach the broker: {exc.strerror or exc}")
     except (ConfigError, TargetError, QueueMissingError) as exc:
         return _fail(ExitCode.USAGE, str(exc))
     except BrokerError as exc:
         return _fail(ExitCode.BROKER, str(exc))
     except FatalError as exc:
         return _fail(ExitCode.FATAL, str(exc))
-    except KeyboardInterrupt:  # INT during `publish` (TERM keeps its default there)
-        return _fail(ExitCode.INTERRUPTED, "interrupted; what was confirmed so far stays published")
+    except KeyboardInterrupt:  # INT during `publish` or `replay` (TERM keeps its default there)
+        return _fail(ExitCode.INTERRUPTED, "interrupted; what was confirmed so far stays where it went")
 
 
 def _fail(code: int, message: str) -> int:
@@ -126,11 +142,8 @@ def _run(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from .publish import publish_messages, render_body
 
-    try:
-        check_broker_url(args.broker)
-        queue_name(args.queue)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    _check("--broker", check_broker_url, args.broker)
+    _check("QUEUE", queue_name, args.queue)
     if args.count < 1:
         raise ConfigError(f"--count: expected a whole number ≥ 1, got {args.count}")
     if args.file:
@@ -145,3 +158,35 @@ def _publish(args: argparse.Namespace) -> int:
     confirmed = publish_messages(args.broker, args.queue, bodies, args.queue_type, args.passive)
     print(f"published {confirmed} messages to {args.queue!r} (confirmed by the broker)")
     return ExitCode.OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import replay
+
+    _check("--broker", check_broker_url, args.broker)
+    _check("DEAD_QUEUE", queue_name, args.dead_queue)
+    if args.to is not None:
+        _check("--to", queue_name, args.to)
+    if args.count is not None and args.count < 1:
+        raise ConfigError(f"--count: expected a whole number ≥ 1, got {args.count}")
+    on_terminal = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if on_terminal:
+            print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        summary = replay(args.broker, args.dead_queue, args.to, args.count, progress)
+    finally:
+        if on_terminal:
+            print(file=sys.stderr)
+    print(summary.line())
+    return ExitCode.OK
+
+
+def _check(name: str, check: Callable[[str], Any], value: str) -> None:
+    """A value the command line gave, checked: ConfigError naming where it came from."""
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None

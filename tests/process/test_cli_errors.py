@@ -48,6 +48,12 @@ CASES = [
     (["run", H, "-q", "a", "--config", "/nonexistent.toml"], "--config: cannot read"),
     (["run", H, "-q", "a", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["publish", "amq.nope"], "starts with 'amq.'"),
+    (["publish", "a", "--count", "0"], "--count: expected a whole number ≥ 1"),
+    (["replay", ""], "queue name must not be empty"),
+    (["replay", "a.dead", "--to", "amq.x"], "starts with 'amq.'"),
+    (["replay", "a.dead", "--count", "-1"], "--count: expected a whole number ≥ 1"),
+    (["replay", "a.dead", "--count", "many"], "--count: invalid int value"),
+    (["replay", "a.dead", "-b", "localhost:5672"], "--broker: malformed URL"),
 ]  # fmt: skip
 
 
@@ -67,6 +73,13 @@ def test_env_value_errors_name_the_variable():
     )
     assert result.returncode == 2
     assert "(from SPEED_GEVENT_MAX_WORKERS)" in result.stderr
+
+
+def test_an_unreachable_broker_is_one_line_and_exit_3_for_publish_and_replay():
+    for command in (["publish", "a"], ["replay", "a.dead"]):
+        result = run(*command)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.strip() == "speed-gevent: error: cannot reach the broker: Connection refused"
 
 
 def test_version_and_help():
