@@ -104,6 +104,16 @@ def delete_queues(names: list[str]) -> None:
                 pass
 
 
+def queue_exists(name: str) -> bool:
+    with Connection(BROKER) as conn:
+        channel = conn.connection.channel()
+        try:
+            channel.queue_declare(name, passive=True)
+            return True
+        except Exception:
+            return False
+
+
 def read_records(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []

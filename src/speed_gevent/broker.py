@@ -101,6 +101,7 @@ class BrokerSession:
         connect_timeout: float | None = None,
         take_acks: Callable[[], list[Ack]] = list,
         retry_steps: tuple[int, ...] = (),
+        dead_letter: str | None = None,
     ) -> None:
         self.url = url
         self.masked_url = mask_url(url)
@@ -109,6 +110,7 @@ class BrokerSession:
         self._on_delivery = on_delivery
         self._take_acks = take_acks
         self._retry_steps = retry_steps  #: the delay queues each source queue gets (ms)
+        self._dead_letter = dead_letter  #: one shared dead-letter queue (None: <queue>.dead)
         self._ladders_made: set[str] = set()  #: source queues whose delay queues all exist
         self._ack_timer: Any = None
         self._conn: AmqpConnection | None = None
@@ -312,7 +314,14 @@ class BrokerSession:
         for queue in queues:
             steps = () if queue in self._ladders_made else self._retry_steps
             with self._answered(f"the declare of {queue!r}"):
-                if ensure_queues(self._conn, (queue,), queue_type, passive, retry_steps=steps):
+                if ensure_queues(
+                    self._conn,
+                    (queue,),
+                    queue_type,
+                    passive,
+                    retry_steps=steps,
+                    dead_letter=self._dead_letter,
+                ):
                     self._ladders_made.add(queue)  # not again at each recovery: 13 queues each
 
     def start_consuming(self, prefetch: dict[str, int]) -> None:

@@ -135,6 +135,18 @@ def queue_name(value: object) -> str:
     return name
 
 
+def _dead_letter_queue(value: object) -> str | None:
+    """One shared dead-letter queue (None: `<queue>.dead` for each source queue)."""
+    name = str(value)
+    if not name.strip():
+        return None
+    if name.startswith("amq."):
+        raise ValueError(f"queue name {name!r} starts with 'amq.', which RabbitMQ reserves")
+    if len(name.encode()) > MAX_QUEUE_NAME_BYTES:
+        raise ValueError(f"queue name {name[:40]!r}... is longer than {MAX_QUEUE_NAME_BYTES} bytes")
+    return name
+
+
 def _queues(value: object) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     return tuple(queue_name(item) for item in items)
@@ -205,6 +217,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry-delay", _duration_or_zero, 1.0,
            "wait before the first retry, doubled for each one after it (0: retry at once)",
            metavar="DURATION"),
+    Option("dead-letter-queue", _dead_letter_queue, None,
+           "one dead-letter queue for every source queue (default: <queue>.dead each)", metavar="NAME"),
     Option("retry-delay-max", _positive_duration, 3600.0, "longest wait before a retry",
            metavar="DURATION"),
     Option("heartbeat", _heartbeat, 30.0, "AMQP heartbeat asked of the broker, whole seconds (0: off)",
@@ -248,6 +262,7 @@ class Settings:
     max_retries: int
     retry_delay: float
     retry_delay_max: float
+    dead_letter_queue: str | None
     heartbeat: float
     consumer_timeout: float
     connect_timeout: float | None
@@ -365,5 +380,8 @@ def _cross_check(target: str, values: dict[str, Any], origins: dict[str, str]) -
     if values["retry_delay"] > values["retry_delay_max"]:
         why = f"must be at least --retry-delay ({values['retry_delay']:g}s)"
         raise _refused("retry-delay-max", why, values, origins)
+    if values["dead_letter_queue"] in values["queue"]:
+        why = "must not be one of the queues consumed (a dead letter would be handled again)"
+        raise _refused("dead-letter-queue", why, values, origins)
     names = {field.name for field in fields(Settings)}
     return Settings(target=target, **{key: value for key, value in values.items() if key in names})

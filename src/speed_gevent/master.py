@@ -97,6 +97,7 @@ class Master:
             settings.connect_timeout,
             take_acks=self._router.take_acks,
             retry_steps=ladder(settings.retry_delay, settings.retry_delay_max),
+            dead_letter=settings.dead_letter_queue,
         )
 
     @classmethod

@@ -122,6 +122,7 @@ class RouterSettings:
     max_cache_bytes: int | None = None
     retry_delay: float = 0.0  #: first step of the retry ladder (0: retries at once)
     retry_delay_max: float = 3600.0
+    dead_letter_queue: str | None = None  #: one for every source queue (None: <queue>.dead)
 
     @classmethod
     def of(cls, settings: Any) -> RouterSettings:
@@ -900,7 +901,7 @@ class Router:
             target = delivery.queue if wait is None else delay_queue(delivery.queue, wait)
             properties["application_headers"] = retry_headers(delivery.headers, delivery.attempt)
         else:
-            target = dead_letter_queue(delivery.queue)
+            target = dead_letter_queue(delivery.queue, self.settings.dead_letter_queue)
             # A dead letter waits for a person: the sender's TTL would drop it unseen
             # (RabbitMQ's own dead-lettering removes it too).
             expiration = properties.pop("expiration", None)

@@ -73,6 +73,7 @@ def ensure_queues(
     passive: bool,
     dead_letters: bool = True,
     retry_steps: tuple[int, ...] = (),
+    dead_letter: str | None = None,
 ) -> bool:
     """Every source queue and its dead-letter queue exist when this returns, and the
     delay queues (one per step of `retry_steps`, in ms) as far as they can be made: True
@@ -87,7 +88,7 @@ def ensure_queues(
             if passive:
                 raise QueueMissingError(f"--queue: queue {queue!r} does not exist (--passive)")
             _declare_missing(connection, queue, queue_type)
-        dead = dead_letter_queue(queue)
+        dead = dead_letter_queue(queue, dead_letter)
         if dead_letters and not queue_exists(connection, dead):
             _declare_missing(connection, dead, queue_type)
         complete = _ensure_delay_queues(connection, queue, queue_type, retry_steps) and complete

@@ -9,7 +9,7 @@ import pytest
 
 from speed_gevent.publish import publish_messages
 from tests.conftest import BROKER
-from tests.helpers import get_all, handled_ids, ids_in, publish_ids, ready_count
+from tests.helpers import delete_queues, get_all, handled_ids, ids_in, publish_ids, queue_exists, ready_count
 from tests.process.test_cli_errors import run
 
 pytestmark = pytest.mark.timeout(120)
@@ -74,3 +74,27 @@ def test_a_letter_without_an_origin_needs_to_and_stays_until_then(queue_names):
 def test_a_missing_dead_letter_queue_is_exit_2(queue_names):
     result = replay_cli(queue_names() + ".dead")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_one_shared_dead_letter_queue_for_two_queues_replays_each_to_its_own(
+    run_recorder, queue_names, tmp_path, tally
+):
+    """--dead-letter-queue: letters from both source queues land in one queue (declared
+    at start), no `<queue>.dead` is made, and replay sends each back where it failed."""
+    first, second, shared, record = queue_names(), queue_names(), queue_names(), tmp_path / "rec"
+    publish_ids(first, [1, 2], extra={2: {"reject": True}})
+    publish_ids(second, [3, 4], extra={3: {"reject": True}})
+    delete_queues([first + ".dead", second + ".dead"])  # made by publish_ids; must not come back
+    runner = run_recorder([first, second], "--dead-letter-queue", shared, "--exit-when-idle", "1s",
+                          record=record)  # fmt: skip
+    assert runner.wait(60) == 0, runner.output()[-3000:]
+    assert handled_ids(record) == {1: 1, 4: 1}
+    assert ready_count(shared) == 2
+    assert not queue_exists(first + ".dead") and not queue_exists(second + ".dead")
+    result = replay_cli(shared)
+    assert result.returncode == 0, result.stderr
+    where = ", ".join(f"1 to {queue!r}" for queue in sorted([first, second]))
+    assert result.stdout.strip() == f"replayed 2 messages from {shared!r} ({where}); 0 left there"
+    back = {queue: ids_in(queue) for queue in (first, second)}
+    assert back == {first: [2], second: [3]}
+    tally([1, 2, 3, 4], handled_ids(record), dead=[], queued=back[first] + back[second])

@@ -47,6 +47,8 @@ CASES = [
     (["run", H, "-q", "a", "-q", "b", "--max-cache", "1"], "--max-cache: must be at least the number"),
     (["run", H, "-q", "a", "--config", "/nonexistent.toml"], "--config: cannot read"),
     (["run", H, "-q", "a", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+    (["run", H, "-q", "a", "--dead-letter-queue", "a"], "--dead-letter-queue: must not be one of the queues"),
+    (["run", H, "-q", "a", "--dead-letter-queue", "amq.d"], "--dead-letter-queue: queue name 'amq.d' starts"),
     (["publish", "amq.nope"], "starts with 'amq.'"),
     (["publish", "a", "--count", "0"], "--count: expected a whole number ≥ 1"),
     (["replay", ""], "queue name must not be empty"),
