@@ -29,6 +29,9 @@ CACHE_PER_WORKER = 16
 #: RabbitMQ's limit on queue names, in bytes.
 MAX_QUEUE_NAME_BYTES = 255
 
+#: Longest value quoted back in an error, in characters.
+SHOWN_MAX = 80
+
 #: Suffix of the dead-letter queue of each source queue.
 DEAD_SUFFIX = ".dead"
 
@@ -300,8 +303,10 @@ def _parse(option: Option, raw: object, origin: str) -> Any:
     try:
         return option.parse(raw)
     except ValueError as exc:
-        shown = raw if option.name != "broker" else "(see above)"
-        detail = str(exc) if option.name == "broker" else f"{exc}, got {shown!r}"
+        shown = repr(raw)
+        if len(shown) > SHOWN_MAX:
+            shown = shown[: SHOWN_MAX - 3] + "..."
+        detail = str(exc) if option.name == "broker" else f"{exc}, got {shown}"
         raise ConfigError(f"{option.flag}: {detail} ({_source_of(option, origin)})") from None
 
 

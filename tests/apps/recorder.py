@@ -92,6 +92,10 @@ def _write_bad_frame(kind: str) -> None:
     if kind == "outcome":  # decodes, but its outcome is not one we know
         meta = msgpack.packb([0, 99, "", "", "", None])
         os.write(fd, HEADER.pack(b"SG", 1, FrameType.RESULT, len(meta), 0) + meta)
+    elif kind == "truncated":  # half a result, then the worker is gone
+        meta = msgpack.packb([0, 0, "", "", "", None])
+        os.write(fd, HEADER.pack(b"SG", 1, FrameType.RESULT, len(meta), 0) + meta[: len(meta) // 2])
+        os._exit(0)
     else:  # a header that claims a 100 MiB result
         os.write(fd, HEADER.pack(b"SG", 1, FrameType.RESULT, 100 * 2**20, 0))
 
@@ -101,6 +105,20 @@ def _is_socket(fd: int) -> bool:
         return os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
     except OSError:
         return False
+
+
+def decode(message) -> None:
+    """Read the body as its message_id says ("text..." or "json..."), record what came of
+    it, and let a decode error fail the attempt as it would in any handler."""
+    how = message.properties["message_id"]
+    entry = {"id": how, "attempt": message.attempt, "size": len(message.body), "error": None}
+    try:
+        message.text if how.startswith("text") else message.json()
+    except Exception as exc:
+        entry["error"] = type(exc).__name__
+        raise
+    finally:
+        _write(entry)
 
 
 def echo(message) -> None:

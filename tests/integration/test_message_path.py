@@ -12,8 +12,9 @@ import pika
 import pytest
 from kombu import Connection, Exchange, Producer, Queue
 
+from speed_gevent.publish import publish_messages
 from tests.conftest import BROKER, wait_until
-from tests.helpers import handled_ids, publish_ids, read_records, ready_count, worker_titles
+from tests.helpers import get_all, handled_ids, publish_ids, read_records, ready_count, worker_titles
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.timeout(180)]
 
@@ -106,17 +107,73 @@ def test_bodies_arrive_exactly_as_published_whatever_the_content_encoding(
     assert ready_count(queue) == 0 and ready_count(queue + ".dead") == 0
 
 
-@pytest.mark.parametrize("kind", ["outcome", "huge"])
+@pytest.mark.parametrize("kind", ["outcome", "huge", "truncated"])
 def test_a_worker_writing_a_bad_frame_ends_only_that_worker(kind, run_recorder, queue_names, tmp_path):
-    """A result with an unknown outcome, or a header claiming a huge result: the master
-    kills that worker, its message counts one failed attempt and is handled on the next."""
+    """A result with an unknown outcome, a header claiming a huge result, or half a
+    result and then exit: that worker ends, its message counts one failed attempt and is
+    handled on the next, and the master lives on."""
     queue = queue_names()
     record = tmp_path / "rec"
     publish_ids(queue, [1, 2, 3], extra={2: {"corrupt": kind}})
     runner = run_recorder(queue, "--max-workers", "2", "--exit-when-idle", "2s", record=record)
     assert runner.wait(60) == 0, runner.output()[-2000:]
     output = runner.output()
-    assert "sent a bad frame" in output and "fatal" not in output
+    assert "fatal" not in output and "Traceback" not in output
+    if kind != "truncated":
+        assert "sent a bad frame" in output
     handled = {r["id"]: r for r in read_records(record) if "event" not in r}
     assert sorted(handled) == [1, 2, 3] and handled[2]["attempt"] == 2
     assert ready_count(queue) == 0 and ready_count(queue + ".dead") == 0
+
+
+BIG = 64 * 2**20
+
+
+def test_bodies_a_handler_cannot_read_fail_as_attempts_and_a_big_one_leaves_no_trace(
+    run_recorder, queue_names, tmp_path, tally
+):
+    """Not UTF-8 read with .text, not JSON or empty read with .json(): MessageDecodeError
+    in the handler, retried, then dead-lettered with its type; never acked unhandled. A
+    64 MiB body is handled whole, and the master's memory comes back down after it."""
+    queue, record = queue_names(), tmp_path / "rec"
+    bodies = {
+        "text-bad": b"\xff\xfe not utf-8",
+        "json-bad": b"not json",
+        "json-empty": b"",
+        "text-empty": b"",
+        "json-big": b'"' + b"a" * (BIG - 2) + b'"',
+    }
+    publish_ids(queue, [])
+    for name, body in bodies.items():
+        assert publish_messages(BROKER, queue, [body], properties={"message_id": name}) == 1
+    runner = run_recorder(queue, "--max-workers", "2", "--max-retries", "1", "--retry-delay", "0",
+                          handler="decode", record=record)  # fmt: skip
+    wait_until(lambda: {r["id"] for r in read_records(record)} == set(bodies), 60, message="every body read")
+    wait_until(lambda: ready_count(queue + ".dead") == 3, 30, message="three dead letters")
+    rss = wait_until(lambda: _rss_below(runner.proc.pid, 64 * 2**20), 30,
+                     message="the master's memory back below 64 MiB after a 64 MiB body")  # fmt: skip
+    runner.proc.send_signal(signal.SIGTERM)
+    assert runner.wait(30) == 0, runner.output()[-3000:]
+    seen: dict[str, list] = {}
+    for r in read_records(record):
+        seen.setdefault(r["id"], []).append((r["attempt"], r["error"], r["size"]))
+    bad = {"text-bad", "json-bad", "json-empty"}
+    for name in bad:
+        assert seen[name] == [(1, "MessageDecodeError", len(bodies[name])), (2, "MessageDecodeError",
+                              len(bodies[name]))]  # fmt: skip
+    assert seen["text-empty"] == [(1, None, 0)] and seen["json-big"] == [(1, None, BIG)]
+    dead = {m.properties["message_id"]: m.headers for m in get_all(queue + ".dead")}
+    assert set(dead) == bad
+    assert {h["x-speed-error-type"] for h in dead.values()} == {"MessageDecodeError"}
+    assert ready_count(queue) == 0
+    assert rss is not None
+
+
+def _rss_below(pid: int, limit: int) -> int | None:
+    """The process's resident size in bytes if it is below `limit`, else None."""
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) * 1024
+                return rss if rss < limit else None
+    return None

@@ -49,6 +49,14 @@ CASES = [
     (["run", H, "-q", "a", "--no-such-option"], "unrecognized arguments: --no-such-option"),
     (["run", H, "-q", "a", "--dead-letter-queue", "a"], "--dead-letter-queue: must not be one of the queues"),
     (["run", H, "-q", "a", "--dead-letter-queue", "amq.d"], "--dead-letter-queue: queue name 'amq.d' starts"),
+    (["run", H, "-q", "a", "--queue-type", "fast"], "--queue-type: expected one of classic, quorum"),
+    (["run", H, "-q", "a", "--min-workers", "3", "--max-workers", "2"], "--max-workers: must be at least"),
+    (["run", H, "-q", "a", "--max-workers", "0"], "--max-workers: expected a whole number ≥ 1, got '0'"),
+    (["run", H, "-q", "a", "--max-retries", "-1"], "--max-retries: expected a whole number ≥ 0"),
+    (["run", H, "-q", "a", "--max-worker-memory", "lots"], "--max-worker-memory: expected a size"),
+    (["run", H, "-q", "a", "--timeout", "2h"], "--timeout: must be below --consumer-timeout"),
+    (["run", H, "-q", "a", "-b", "http://h/"], "--broker: malformed URL 'http://h/': scheme must be one of"),
+    (["run", H, "-q", "x" * 250], "--queue: queue name 'xxxxxxxxxx"),
     (["publish", "amq.nope"], "starts with 'amq.'"),
     (["publish", "a", "--count", "0"], "--count: expected a whole number ≥ 1"),
     (["replay", ""], "queue name must not be empty"),
@@ -67,6 +75,25 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, message):
     assert "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "pw@" not in result.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("max-workers = \n", "is not valid TOML"),
+    ("max-wrkers = 3\n", "--config: unknown key 'max-wrkers'"),
+    ('max-workers = "many"\n', "--max-workers: expected a whole number ≥ 1, got 'many' (from config file"),
+])  # fmt: skip
+def test_a_bad_config_file_is_one_line_and_exit_2(text, message, tmp_path):
+    path = tmp_path / "speed.toml"
+    path.write_text(text)
+    result = run("run", H, "-q", "a", "--config", str(path))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_long_bad_value_is_not_quoted_whole():
+    result = run("run", H, "-q", "y" * 250)
+    assert result.returncode == 2 and len(result.stderr) < 300, result.stderr
 
 
 def test_env_value_errors_name_the_variable():
