@@ -16,6 +16,7 @@ from typing import Any
 
 from .backoff import LONGEST_SUFFIX, MAX_STEP_MS
 from .errors import ConfigError
+from .httpaddr import parse_address
 from .units import parse_duration, parse_size
 from .urls import check_broker_url
 
@@ -150,6 +151,14 @@ def _dead_letter_queue(value: object) -> str | None:
     return name
 
 
+def _http(value: object) -> tuple[str, int] | None:
+    """Where `--http` listens: None (off), or (host, port); 127.0.0.1 unless a host is given."""
+    text = str(value).strip()
+    if text.lower() in ("", "off", "none", "0"):
+        return None
+    return parse_address(text)
+
+
 def _queues(value: object) -> tuple[str, ...]:
     items = value if isinstance(value, list | tuple) else str(value).split(",")
     return tuple(queue_name(item) for item in items)
@@ -235,6 +244,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("exit-when-idle", _optional_duration, None,
            "stop gracefully after no message arrived for this long (a retry we delayed counts "
            "as one to come)", metavar="DURATION"),
+    Option("http", _http, None,
+           "serve /livez, /readyz, /stats and /metrics at HOST:PORT (127.0.0.1 unless a host "
+           "is given; 0.0.0.0 in the container image)", metavar="HOST:PORT"),
     Option("log-level", _choice("debug", "info", "warning", "error"), "info", "log level",
            metavar="LEVEL"),
     Option("log-format", _choice("text", "json"), "text", "log format", metavar="text|json"),
@@ -271,6 +283,7 @@ class Settings:
     connect_timeout: float | None
     name: str
     exit_when_idle: float | None
+    http: tuple[str, int] | None
     log_level: str
     log_format: str
 

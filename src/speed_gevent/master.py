@@ -88,6 +88,7 @@ class Master:
         self._signal_callbacks: dict[int, list[Callable[..., Any]]] = {}
         self._signals_installed = False
         self._fork_restarts = SpawnGuard(limit=3, window=60.0)
+        self._http: Any = None
         self._fork = self._make_fork_client()
         self._links = WorkerLinks(self._fork, self._spawn, _LinkEvents(self))
         self._session = BrokerSession(
@@ -164,6 +165,8 @@ class Master:
         finally:
             self._fork.stop(timeout=CLOSE_TIMEOUT)
             self._group.kill(block=False)
+            if self._http is not None:
+                self._http.stop(timeout=1)
         return self._exit_code
 
     # -- start -------------------------------------------------------------------------------
@@ -172,6 +175,7 @@ class Master:
         settings = self.settings
         set_title(f"speed-gevent: master {settings.name} [{','.join(settings.queues)}]")
         self._install_signals()
+        self._serve_http()
         self._spawn("control", self._control_loop)
         self._fork.start()
         self._spawn("fork-reports", self._fork.report_loop)
@@ -202,6 +206,31 @@ class Master:
         # can arrive while the next consume waits for its consume-ok, and they are kept.
         self._consume_sent = True
         self._session.consume(prefetch, lambda: self._consuming(prefetch))
+
+    def _serve_http(self) -> None:
+        """--http: answers from the start, so /livez is 200 while the broker is still away."""
+        if self.settings.http is None:
+            return
+        from .httpserver import StatusApp, serve
+
+        host, port = self.settings.http
+        try:
+            self._http = serve((host, port), StatusApp(self.stat, self.ready))
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"--http: cannot listen on {host}:{port}: {why}") from None
+        logger.info("serving /livez, /readyz, /stats and /metrics on http://%s:%d", host, port)
+
+    def ready(self) -> tuple[bool, str]:
+        """For /readyz: connected and consuming; else why not."""
+        router = self._router
+        if router.phase is not Phase.RUNNING:
+            return False, router.phase.value
+        if not self._session.connected:
+            return False, "broker not connected"
+        if not router.is_consuming:
+            return False, "not consuming"
+        return True, "consuming"
 
     def _consuming(self, prefetch: dict[str, int]) -> None:
         """Every consume-ok is in (called in the consumer greenlet; never yields)."""
@@ -509,6 +538,8 @@ class Master:
             "uptime": round(now - self._started_at, 3),
             "broker": self._session.masked_url,
             "connected": self._session.connected,
+            "recoveries": max(0, self._session.generation - 1),
+            "unsettled": router.unsettled,
             "queues": list(self.settings.queues),
             **router.snapshot(now),
             "totals": {

@@ -200,6 +200,11 @@ class Router:
         """Deliveries received and not settled yet (cache, workers, republishes)."""
         return len(self._open)
 
+    @property
+    def is_consuming(self) -> bool:
+        """basic_consume is out on the current channel and not paused by the byte bound."""
+        return self._consuming and not self._paused
+
     def workers(self) -> list[WorkerSlot]:
         return list(self._workers.values())
 

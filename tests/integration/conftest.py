@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
+
+from tests.proxy import PausableProxy
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -48,3 +50,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     write(row("scenario", "published", "handled", "dead", "queued", "dupl.", "lost"))
     for name, *counts in _TALLY:
         write(row(name[:68], *counts))
+
+
+@pytest.fixture
+def proxy() -> Iterator[PausableProxy]:
+    """A TCP proxy to the broker that can go silent or cut its links (an outage on cue)."""
+    silent = PausableProxy()
+    yield silent
+    silent.close()

@@ -31,7 +31,6 @@ from tests.helpers import (
     read_records,
     worker_pids,
 )
-from tests.proxy import PausableProxy
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -194,13 +193,6 @@ def test_a_stop_during_an_outage_ends_at_once_with_0(
     left, handled = ids_in(queue), handled_ids(record)
     tally(ids, handled, queued=left)
     assert set(handled) | set(left) == set(ids), "every message handled or back in the queue"
-
-
-@pytest.fixture
-def proxy() -> Iterator[PausableProxy]:
-    silent = PausableProxy()
-    yield silent
-    silent.close()
 
 
 def ten_handled_through(proxy, run_recorder, queue: str, record, extra: dict | None = None):

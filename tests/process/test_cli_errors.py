@@ -57,6 +57,8 @@ CASES = [
     (["run", H, "-q", "a", "--timeout", "2h"], "--timeout: must be below --consumer-timeout"),
     (["run", H, "-q", "a", "-b", "http://h/"], "--broker: malformed URL 'http://h/': scheme must be one of"),
     (["run", H, "-q", "x" * 250], "--queue: queue name 'xxxxxxxxxx"),
+    (["run", H, "-q", "a", "--http", "localhost"], "--http: expected HOST:PORT such as 127.0.0.1:9100"),
+    (["run", H, "-q", "a", "--http", "127.0.0.1:70000"], "--http: port 70000 is not between 1 and 65535"),
     (["publish", "amq.nope"], "starts with 'amq.'"),
     (["publish", "a", "--count", "0"], "--count: expected a whole number ≥ 1"),
     (["replay", ""], "queue name must not be empty"),
@@ -109,6 +111,21 @@ def test_an_unreachable_broker_is_one_line_and_exit_3_for_publish_and_replay():
         result = run(*command)
         assert result.returncode == 3, result.stderr
         assert result.stderr.strip() == "speed-gevent: error: cannot reach the broker: Connection refused"
+
+
+def test_an_http_port_in_use_is_one_line_and_exit_2():
+    """Checked before the broker (none listens at NOWHERE) or the fork server is touched."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("run", H, "-q", "a", "--http", f"127.0.0.1:{port}")
+    assert result.returncode == 2, result.stderr
+    expected = f"--http: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert result.stderr.strip().endswith(expected)
+    assert "Traceback" not in result.stderr
 
 
 def test_version_and_help():

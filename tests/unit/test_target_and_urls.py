@@ -128,3 +128,24 @@ def test_a_semicolon_in_a_password_is_neither_a_failover_list_nor_shown():
     url = "amqp://u:se;cret@h//"
     assert check_broker_url(url) == url
     assert "cret" not in mask_url(url) and connection_params(url)["password"] == "se;cret"
+
+
+@pytest.mark.parametrize("text, address", [
+    ("9100", ("127.0.0.1", 9100)),
+    (":9100", ("127.0.0.1", 9100)),
+    ("0.0.0.0:9100", ("0.0.0.0", 9100)),
+    ("[::1]:9100", ("::1", 9100)),
+    (" localhost:80 ", ("localhost", 80)),
+])  # fmt: skip
+def test_http_addresses_default_to_the_loopback(text, address):
+    from speed_gevent.httpaddr import parse_address
+
+    assert parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["localhost", "host:", "host:0", "host:65536", "a:b"])
+def test_bad_http_addresses_say_what_is_expected(text):
+    from speed_gevent.httpaddr import parse_address
+
+    with pytest.raises(ValueError, match="HOST:PORT|between 1 and 65535"):
+        parse_address(text)
